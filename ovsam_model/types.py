@@ -1,0 +1,98 @@
+"""Plain data types shared by the predictor, the baselines, the I/O and the evaluators.
+
+Every coordinate here is in *original image pixels*; boxes are XYXY. Conversions to the
+1024 model frame live in `ovsam_model.transforms`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Prompts:
+    """The prompts of one image.
+
+    boxes: [N, 4] XYXY in original pixels, or None.
+    points: [N, P, 2] XY in original pixels, or None.
+    point_labels: [N, P], 1 = positive click, 0 = negative click (required with points).
+    With both boxes and points, prompt i uses box i and points i together.
+    """
+
+    boxes: Optional[torch.Tensor] = None
+    points: Optional[torch.Tensor] = None
+    point_labels: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.boxes is not None:
+            self.boxes = torch.as_tensor(np.asarray(self.boxes, dtype=np.float32)).reshape(-1, 4)
+        if self.points is not None:
+            pts = torch.as_tensor(np.asarray(self.points, dtype=np.float32))
+            if pts.dim() == 2:  # one point per prompt
+                pts = pts[:, None, :]
+            self.points = pts.reshape(pts.shape[0], -1, 2)
+            if self.point_labels is None:
+                raise ValueError("points need point_labels (1 positive, 0 negative)")
+            self.point_labels = torch.as_tensor(np.asarray(self.point_labels, dtype=np.int64)).reshape(
+                self.points.shape[0], self.points.shape[1]
+            )
+        if self.boxes is not None and self.points is not None and len(self.boxes) != len(self.points):
+            raise ValueError(f"{len(self.boxes)} boxes but {len(self.points)} point sets")
+
+    def __len__(self) -> int:
+        if self.boxes is not None:
+            return int(self.boxes.shape[0])
+        if self.points is not None:
+            return int(self.points.shape[0])
+        return 0
+
+    def slice(self, start: int, stop: int) -> "Prompts":
+        return Prompts(
+            boxes=None if self.boxes is None else self.boxes[start:stop],
+            points=None if self.points is None else self.points[start:stop],
+            point_labels=None if self.point_labels is None else self.point_labels[start:stop],
+        )
+
+
+@dataclass
+class Prediction:
+    """Per-prompt results for one image (CPU tensors).
+
+    masks: [N, H, W] bool at the original image size.
+    labels: [N] int64, index into the vocabulary (never background).
+    scores: [N] float, probability of `labels`.
+    topk_labels / topk_scores: [N, k] alternatives, best first (column 0 == labels).
+    """
+
+    masks: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    topk_labels: torch.Tensor
+    topk_scores: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @staticmethod
+    def empty(height: int, width: int, k: int = 1) -> "Prediction":
+        return Prediction(
+            masks=torch.zeros(0, height, width, dtype=torch.bool),
+            labels=torch.zeros(0, dtype=torch.long),
+            scores=torch.zeros(0),
+            topk_labels=torch.zeros(0, k, dtype=torch.long),
+            topk_scores=torch.zeros(0, k),
+        )
+
+
+class Predictor(Protocol):
+    """What `ovsam label` and the prompt protocol need from a model (OVSAM or a baseline)."""
+
+    class_names: Sequence[str]
+
+    def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts]) -> list[Prediction]:
+        """images: HxWx3 uint8 RGB arrays; one Prompts per image."""
+        ...
