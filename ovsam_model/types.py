@@ -88,11 +88,37 @@ class Prediction:
         )
 
 
+@dataclass
+class PreparedImage:
+    """An image resized, normalised and padded for the model (made in DataLoader workers).
+
+    pixels: [3, S, S] float32 (S = the model's input size, 1024), normalised, zero-padded.
+    original_size: (H, W) of the source image; input_size: (h, w) after the resize, before padding.
+    """
+
+    pixels: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
 class Predictor(Protocol):
-    """What `ovsam label` and the prompt protocol need from a model (OVSAM or a baseline)."""
+    """What `ovsam label` and the prompt protocol need from a model (OVSAM or a baseline).
+
+    class_names[i] / category_ids[i] describe vocabulary index i (the values of
+    `Prediction.labels`).
+    """
 
     class_names: Sequence[str]
+    category_ids: Sequence[int]
+
+    def prepare(self, image: np.ndarray) -> PreparedImage:
+        """HxWx3 uint8 RGB → model input. Pure CPU work, safe in DataLoader workers."""
+        ...
+
+    def predict_prepared(self, images: Sequence[PreparedImage], prompts: Sequence[Prompts]) -> list[Prediction]:
+        """One Prompts per image, in original pixels; returns one Prediction per image."""
+        ...
 
     def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts]) -> list[Prediction]:
-        """images: HxWx3 uint8 RGB arrays; one Prompts per image."""
+        """`prepare` + `predict_prepared`."""
         ...
