@@ -1,0 +1,1 @@
+"""OVSAM modules, one per file; `ovsam.OVSAM` composes them."""

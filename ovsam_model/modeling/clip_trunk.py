@@ -1,0 +1,89 @@
+"""Frozen open_clip trunk: multi-scale features C2..C5, the region head, and the text tower."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import open_clip
+import torch
+from open_clip.modified_resnet import ModifiedResNet
+from torch import nn
+from torchvision.ops import roi_align
+
+from ..config import ClipConfig
+
+
+class ClipTrunk(nn.Module):
+    """open_clip CLIP, frozen (`lock`), exposing C2..C5 (strides 4/8/16/32) of its image tower.
+
+    ResNets (RN50x16): C2..C5 = layer1..layer4 after the stem; the region head is CLIP's own
+    attention pool on a RoIAlign of C5 (12×12 for RN50x16: 384 / 32).
+    ConvNeXt (timm trunk): C2..C5 = the four stages; the region head is the trunk's head
+    (pool + norm) followed by CLIP's projection.
+    """
+
+    def __init__(self, cfg: ClipConfig, pretrained: Optional[str] = None, cache_dir: Optional[str] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.custom is not None:
+            self.clip = open_clip.model.CLIP(**cfg.custom)
+            self.tokenizer = open_clip.get_tokenizer("RN50")
+        else:
+            self.clip = open_clip.create_model(cfg.name, pretrained=pretrained, cache_dir=cache_dir)
+            self.tokenizer = open_clip.get_tokenizer(cfg.name)
+        self.weights_tag = pretrained
+        self.is_resnet = isinstance(self.clip.visual, ModifiedResNet)
+        self.lock()
+
+    @property
+    def cache_key(self) -> Optional[str]:
+        """Identity of the text tower for the text-embedding cache (None: random weights)."""
+        return f"{self.cfg.name}/{self.weights_tag}" if self.weights_tag else None
+
+    def lock(self) -> None:
+        """Freeze every parameter and keep BatchNorm statistics fixed."""
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        self.clip.eval()
+
+    def train(self, mode: bool = True) -> "ClipTrunk":
+        super().train(mode)
+        self.clip.eval()  # frozen trunk: BN and dropout always in eval mode
+        return self
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """pixels [B, 3, S, S] normalised → [C2, C3, C4, C5] (strides 4, 8, 16, 32)."""
+        visual = self.clip.visual
+        if self.is_resnet:
+            x = visual.stem(pixels)
+            feats = []
+            for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+                x = layer(x)
+                feats.append(x)
+            return feats
+        trunk = visual.trunk
+        x = trunk.stem(pixels)
+        feats = []
+        for stage in trunk.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def region_embed(self, c5: torch.Tensor, rois: torch.Tensor, output_size: int) -> torch.Tensor:
+        """Frozen-CLIP region embedding.
+
+        c5: [B, C, S/32, S/32]; rois: [R, 5] (image index, XYXY in the model frame).
+        Returns [R, D], not normalised.
+        """
+        feats = roi_align(c5, rois.to(c5.dtype), output_size, spatial_scale=1 / 32, sampling_ratio=0, aligned=True)
+        visual = self.clip.visual
+        if self.is_resnet:
+            return visual.attnpool(feats)
+        return visual.head(visual.trunk.forward_head(feats, pre_logits=True))
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """[N] strings → [N, D] text embeddings (not normalised)."""
+        device = next(self.clip.parameters()).device
+        tokens = self.tokenizer(texts).to(device)
+        return self.clip.encode_text(tokens).float()
