@@ -199,12 +199,14 @@ class CountingEncoder:
 
 
 def test_text_embeddings_formula_and_padding() -> None:
-    vocab = V.Vocabulary("t", ["cat", "car"], [["cat", "kitty", "feline"], ["car"]], [1, 2])
+    vocab = V.Vocabulary(
+        "t", ["cat", "car", "dog"], [["cat", "kitty", "feline"], ["car"], ["dog", "puppy"]], [1, 2, 3]
+    )
     enc = CountingEncoder(cache_key=None)
     templates = ("a photo of a {}.", "There is a {} in the scene.")
     emb = V.text_embeddings(vocab, enc, templates=templates, cache_dir=None)
-    assert emb.shape == (2, 3, 8)
-    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2, 3))
+    assert emb.shape == (3, 3, 8)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3, 3))
     # hand computation for one synonym
     vs = [enc.vec(t.format("kitty")) for t in templates]
     mean = [sum(v[d].item() / math.sqrt(sum(x * x for x in v.tolist())) for v in vs) / 2 for d in range(8)]
@@ -212,6 +214,7 @@ def test_text_embeddings_formula_and_padding() -> None:
     torch.testing.assert_close(emb[0, 1], torch.tensor([m / norm for m in mean]), atol=1e-6, rtol=0)
     # padding repeats the first synonym
     assert torch.equal(emb[1, 1], emb[1, 0]) and torch.equal(emb[1, 2], emb[1, 0])
+    assert torch.equal(emb[2, 2], emb[2, 0]) and not torch.allclose(emb[2, 2], emb[2, 1])
     assert not torch.allclose(emb[0, 0], emb[0, 1])
 
 
