@@ -22,18 +22,24 @@ class ClipTrunk(nn.Module):
     (pool + norm) followed by CLIP's projection.
     """
 
-    def __init__(self, cfg: ClipConfig, pretrained: Optional[str] = None, cache_dir: Optional[str] = None) -> None:
+    def __init__(self, cfg: ClipConfig, pretrained: Optional[str] = None, cache_dir: Optional[str] = None,
+                 quick_gelu: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         if cfg.custom is not None:
             self.clip = open_clip.model.CLIP(**cfg.custom)
             self.tokenizer = open_clip.get_tokenizer("RN50")
         else:
-            self.clip = open_clip.create_model(cfg.name, pretrained=pretrained, cache_dir=cache_dir)
+            self.clip = open_clip.create_model(cfg.name, pretrained=pretrained, cache_dir=cache_dir,
+                                               force_quick_gelu=quick_gelu)
             self.tokenizer = open_clip.get_tokenizer(cfg.name)
         self.weights_tag = pretrained
         self.is_resnet = isinstance(self.clip.visual, ModifiedResNet)
         self.lock()
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
 
     @property
     def cache_key(self) -> Optional[str]:

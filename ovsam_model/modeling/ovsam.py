@@ -76,12 +76,12 @@ class OVSAM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: OVSAMConfig, clip_pretrained: Optional[str] = None,
-                    clip_cache_dir: Optional[str] = None) -> "OVSAM":
+                    clip_cache_dir: Optional[str] = None, quick_gelu: bool = False) -> "OVSAM":
         """All modules with random weights (CLIP: `clip_pretrained` if given)."""
         grid = cfg.embedding_size
         return cls(
             cfg,
-            trunk=ClipTrunk(cfg.clip, pretrained=clip_pretrained, cache_dir=clip_cache_dir),
+            trunk=ClipTrunk(cfg.clip, pretrained=clip_pretrained, cache_dir=clip_cache_dir, quick_gelu=quick_gelu),
             adapter=SAM2CLIPAdapter(cfg.clip.channels, cfg.adapter_dim, cfg.adapter_depth, cfg.adapter_heads,
                                     cfg.adapter_window, cfg.adapter_global_blocks, grid, cfg.prompt_dim),
             prompt_encoder=PromptEncoder(embed_dim=cfg.prompt_dim, image_embedding_size=(grid, grid),
