@@ -1,0 +1,228 @@
+"""Prompt protocol (paper Tab. 1): one prompt per ground-truth instance, mask IoU and top-1 accuracy.
+
+- Instances: every non-crowd annotation whose mask (pycocotools `annToMask`, original resolution)
+  is non-empty; crowd annotations and empty masks are skipped and counted.
+- Prompts, in original pixels (the `Prompts` frame): the GT box (COCO XYWH → XYXY), or one
+  positive point at the mask pixel farthest from the mask border (`centre_point`).
+- IoU: exact, |pred ∧ gt| / |pred ∨ gt| on boolean masks at the original image size.
+- Accuracy: `predictor.category_ids[label] == category_id` of the instance.
+- Base / novel: COCO 48 / 17 (instances of the 15 other COCO classes count toward the overall
+  mIoU / Acc only); LVIS frequent + common / rare from the GT categories' `frequency`.
+- Images: sorted by id; only those with at least one instance; `max_images` keeps the first N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools.coco import COCO
+from tqdm import tqdm
+
+from ovsam_model.eval.detector import load_ground_truth
+from ovsam_model.eval.report import PromptResult
+from ovsam_model.splits import coco_split_ids, lvis_split_ids
+from ovsam_model.types import Predictor, Prompts
+
+PromptType = Literal["box", "point"]
+Dataset = Literal["coco", "lvis"]
+
+
+def centre_point(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the mask pixel farthest from the mask border, at that pixel's centre.
+
+    mask: [H, W] bool/uint8, non-empty. The distance is the exact Euclidean distance
+    (DIST_L2 + DIST_MASK_PRECISE) to the nearest pixel outside the mask, with the image border
+    counting as outside (the mask is padded with one pixel of zeros). Ties go to the first
+    maximum in row-major order. Pixel (row r, col c) covers [c, c+1) × [r, r+1) in the COCO
+    continuous frame, so its centre is (c + 0.5, r + 0.5).
+    """
+    padded = np.pad(np.asarray(mask).astype(np.uint8), 1)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    if dist.max() <= 0:
+        raise ValueError("centre_point needs a non-empty mask")
+    row, col = divmod(int(np.argmax(dist)), mask.shape[1])
+    return col + 0.5, row + 0.5
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Exact IoU of two [H, W] boolean masks (0 when both are empty)."""
+    inter = np.count_nonzero(np.logical_and(pred, gt))
+    union = np.count_nonzero(np.logical_or(pred, gt))
+    return inter / union if union else 0.0
+
+
+def image_path(images_dir: str | os.PathLike, img: Mapping[str, Any]) -> Path:
+    """Locate an image record's file: `file_name`, or LVIS v1's `coco_url` (`val2017/…`)."""
+    root = Path(images_dir)
+    candidates: list[Path] = []
+    if img.get("file_name"):
+        candidates += [root / img["file_name"], root / Path(img["file_name"]).name]
+    if img.get("coco_url"):
+        split, name = str(img["coco_url"]).rstrip("/").split("/")[-2:]
+        candidates += [root / split / name, root / name]
+    for c in candidates:
+        if c.is_file():
+            return c
+    if not candidates:
+        raise ValueError(f"image {img.get('id')} has neither 'file_name' nor 'coco_url'")
+    raise FileNotFoundError(f"image {img.get('id')} not found: {candidates[0]}")
+
+
+def load_rgb(path: Path, height: int, width: int) -> np.ndarray:
+    """[H, W, 3] uint8 RGB; the size must match the ground-truth record."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    if arr.shape[:2] != (height, width):
+        raise ValueError(f"{path} is {arr.shape[1]}x{arr.shape[0]}, ground truth says {width}x{height}")
+    return arr
+
+
+@dataclass
+class _ImageTask:
+    img: Mapping[str, Any]
+    anns: list[Mapping[str, Any]]  # non-crowd annotations of the image
+
+
+def _coco_api(gt: Mapping[str, Any]) -> COCO:
+    """A pycocotools COCO index over the dict (read-only use: annToMask does not write)."""
+    coco = COCO()
+    coco.dataset = dict(gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _groups(gt: Mapping[str, Any], dataset: Dataset) -> dict[int, str]:
+    """category id → "base" / "novel" (ids outside both are absent)."""
+    base, novel = (coco_split_ids if dataset == "coco" else lvis_split_ids)(gt["categories"])
+    return {**{c: "base" for c in base}, **{c: "novel" for c in novel}}
+
+
+def _tasks(coco: COCO, max_images: Optional[int]) -> tuple[list[_ImageTask], int]:
+    """Images (sorted by id) with at least one non-crowd annotation; number of crowd anns skipped."""
+    tasks, crowd = [], 0
+    for img_id in sorted(coco.imgs):
+        anns = coco.imgToAnns.get(img_id, [])
+        kept = [a for a in anns if not a.get("iscrowd", 0)]
+        if max_images is not None and len(tasks) >= max_images:
+            break
+        crowd += len(anns) - len(kept)
+        if kept:
+            tasks.append(_ImageTask(coco.imgs[img_id], kept))
+    return tasks, crowd
+
+
+def _prompts(anns: Sequence[Mapping[str, Any]], masks: Sequence[np.ndarray], prompt: PromptType) -> Prompts:
+    """One prompt per annotation, original pixels: XYXY boxes or [N, 1, 2] positive points."""
+    if prompt == "box":
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        return Prompts(boxes=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1))
+    points = np.array([centre_point(m) for m in masks], dtype=np.float64).reshape(-1, 1, 2)
+    return Prompts(points=points, point_labels=np.ones((len(anns), 1), dtype=np.int64))
+
+
+def _batches(items: Sequence[_ImageTask], size: int) -> Iterator[Sequence[_ImageTask]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(np.mean(values)) if len(values) else None
+
+
+def evaluate_prompts(
+    predictor: Predictor,
+    gt: str | os.PathLike | Mapping[str, Any],
+    images_dir: str | os.PathLike,
+    *,
+    prompt: PromptType = "box",
+    dataset: Dataset = "coco",
+    batch_size: int = 1,
+    max_images: Optional[int] = None,
+    progress: bool = True,
+    model_name: Optional[str] = None,
+) -> PromptResult:
+    """Run `predictor` with one prompt per GT instance, batch_size images per call; see the module doc."""
+    if prompt not in ("box", "point"):
+        raise ValueError(f"prompt must be 'box' or 'point', not {prompt!r}")
+    if dataset not in ("coco", "lvis"):
+        raise ValueError(f"dataset must be 'coco' or 'lvis', not {dataset!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    gt_data = load_ground_truth(gt)
+    groups = _groups(gt_data, dataset)
+    coco = _coco_api(gt_data)
+    tasks, skipped_crowd = _tasks(coco, max_images)
+    vocab_ids = [int(c) for c in predictor.category_ids]
+
+    ious: dict[str, list[float]] = {"all": [], "base": [], "novel": []}
+    hits: dict[str, list[float]] = {"all": [], "base": [], "novel": []}
+    skipped_empty = 0
+    bar = tqdm(total=len(tasks), desc=model_name or "prompt eval", unit="img", disable=not progress, file=sys.stderr)
+    for batch in _batches(tasks, batch_size):
+        images, prompts, metas = [], [], []
+        for task in batch:
+            h, w = int(task.img["height"]), int(task.img["width"])
+            masks = [coco.annToMask(a).astype(bool) for a in task.anns]
+            keep = [i for i, m in enumerate(masks) if m.any()]
+            skipped_empty += len(masks) - len(keep)
+            if not keep:
+                continue
+            anns = [task.anns[i] for i in keep]
+            masks = [masks[i] for i in keep]
+            images.append(load_rgb(image_path(images_dir, task.img), h, w))
+            prompts.append(_prompts(anns, masks, prompt))
+            metas.append((anns, masks))
+        preds = predictor.predict(images, prompts) if images else []
+        if len(preds) != len(images):
+            raise ValueError(f"predictor returned {len(preds)} predictions for {len(images)} images")
+        for pred, (anns, masks) in zip(preds, metas):
+            if len(pred) != len(anns):
+                raise ValueError(f"predictor returned {len(pred)} masks for {len(anns)} prompts")
+            pred_masks = pred.masks.detach().cpu().numpy().astype(bool)
+            if pred_masks.shape[1:] != masks[0].shape:
+                raise ValueError(f"predicted masks are {pred_masks.shape[1:]}, images are {masks[0].shape}")
+            labels = pred.labels.detach().cpu().numpy().reshape(-1)
+            for ann, gt_mask, pred_mask, label in zip(anns, masks, pred_masks, labels):
+                iou = mask_iou(pred_mask, gt_mask)
+                hit = float(vocab_ids[int(label)] == int(ann["category_id"]))
+                for key in ("all", groups.get(int(ann["category_id"]))):
+                    if key is not None:
+                        ious[key].append(iou)
+                        hits[key].append(hit)
+        bar.update(len(batch))
+    bar.close()
+
+    notes = ["IoU exact on boolean masks at the original resolution; values are fractions",
+             "crowd annotations and annotations with empty masks are skipped"]
+    if dataset == "coco":
+        notes.append("base/novel = COCO OV 48/17; the 15 other classes count toward the overall numbers only")
+    else:
+        notes.append("base = LVIS frequent + common, novel = rare (GT 'frequency')")
+    return PromptResult(
+        model=model_name or getattr(predictor, "name", type(predictor).__name__),
+        dataset=dataset,
+        prompt=prompt,
+        num_images=len(tasks),
+        num_instances=len(ious["all"]),
+        num_base=len(ious["base"]),
+        num_novel=len(ious["novel"]),
+        miou=_mean(ious["all"]),
+        miou_base=_mean(ious["base"]),
+        miou_novel=_mean(ious["novel"]),
+        acc=_mean(hits["all"]),
+        acc_base=_mean(hits["base"]),
+        acc_novel=_mean(hits["novel"]),
+        num_skipped_crowd=skipped_crowd,
+        num_skipped_empty=skipped_empty,
+        notes=notes,
+    )
