@@ -1,0 +1,123 @@
+"""Where the images are and how big: a COCO / LVIS dataset JSON (`--ann`), or a bare folder.
+
+With `--ann`: COCO images name their file in `file_name`; LVIS v1 images have no `file_name`
+and are located through `coco_url` (`http://.../val2017/000000000139.jpg`): the file is
+looked up as `DIR/000000000139.jpg` and then `DIR/val2017/000000000139.jpg`.
+Without `--ann`: `DIR/{image_id:012d}.jpg` (COCO naming), size read from the file header.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+from PIL import Image
+
+from ovsam_model.io.detections import InputError, SkipReason
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image: `file_name` is relative to the images folder (as written to dataset output)."""
+
+    id: int
+    path: Path
+    file_name: str
+    height: int
+    width: int
+
+
+@dataclass
+class ImageSource:
+    """Images of one run, looked up by id. `categories` is None without `--ann`."""
+
+    root: Path
+    categories: Optional[list[dict]] = None
+    kind: str = "folder"  # "coco", "lvis" or "folder"
+    _images: dict[int, ImageRecord] = field(default_factory=dict)
+    _unreadable: set[int] = field(default_factory=set)
+
+    @property
+    def category_ids(self) -> Optional[list[int]]:
+        return None if self.categories is None else sorted(c["id"] for c in self.categories)
+
+    def get(self, image_id: int) -> Optional[ImageRecord]:
+        """The image, or None (not in --ann; or, without --ann, missing/unreadable file)."""
+        if image_id in self._images:
+            return self._images[image_id]
+        if self.kind != "folder" or image_id in self._unreadable:
+            return None
+        name = f"{image_id:012d}.jpg"
+        size = read_size(self.root / name)
+        if size is None:
+            self._unreadable.add(image_id)
+            return None
+        record = ImageRecord(image_id, self.root / name, name, size[0], size[1])
+        self._images[image_id] = record
+        return record
+
+    def size(self, image_id: int) -> Optional[tuple[int, int]]:
+        record = self.get(image_id)
+        return None if record is None else (record.height, record.width)
+
+    def missing_reason(self, image_id: int) -> str:
+        return SkipReason.IMAGE_UNREADABLE if self.kind == "folder" else SkipReason.IMAGE_NOT_IN_ANN
+
+
+def read_size(path: Path) -> Optional[tuple[int, int]]:
+    """(height, width) from the image header, None if the file is missing or not an image."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return height, width
+
+
+def _lvis_file(root: Path, url: str) -> str:
+    parts = Path(urlparse(url).path).parts
+    base = parts[-1]
+    if not (root / base).exists() and len(parts) >= 2 and (root / parts[-2] / base).exists():
+        return f"{parts[-2]}/{base}"
+    return base
+
+
+def load_image_source(images_dir: Path, ann: Optional[Path] = None) -> ImageSource:
+    """Index the images of `--images DIR` (and `--ann FILE`). Raises InputError for a bad folder or JSON."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise InputError(f"--images {images_dir}: no such directory")
+    if ann is None:
+        return ImageSource(root=images_dir)
+    try:
+        data = json.loads(Path(ann).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"--ann {ann}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--ann {ann}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--ann {ann}: cannot read ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
+        raise InputError(f"--ann {ann}: not a COCO/LVIS dataset JSON (needs 'images' and 'categories' lists)")
+    source = ImageSource(root=images_dir, categories=[], kind="coco")
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise InputError(f"--ann {ann}: categories[{i}]: missing field 'id'")
+        source.categories.append({k: cat[k] for k in ("id", "name", "supercategory") if k in cat})
+    for i, img in enumerate(data["images"]):
+        for key in ("id", "height", "width"):
+            if not isinstance(img, dict) or key not in img:
+                raise InputError(f"--ann {ann}: images[{i}]: missing field '{key}'")
+        if "file_name" in img:
+            name = str(img["file_name"])
+        elif "coco_url" in img:
+            source.kind = "lvis"
+            name = _lvis_file(images_dir, str(img["coco_url"]))
+        else:
+            raise InputError(f"--ann {ann}: images[{i}]: missing field 'file_name' (COCO) or 'coco_url' (LVIS)")
+        image_id = int(img["id"])
+        source._images[image_id] = ImageRecord(image_id, images_dir / name, name, int(img["height"]), int(img["width"]))
+    return source

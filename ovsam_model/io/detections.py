@@ -1,0 +1,398 @@
+"""Detector outputs and click files → per-image prompt records.
+
+Two stages, so that whole-file mistakes stop the run before any model is built:
+
+1. `read_box_records` / `read_point_records` parse the file and check its *structure*
+   (every record is an object with the required fields of the right JSON types). A violation
+   raises `InputError` naming the record and field.
+2. `select_prompts` checks each record against the images and categories and drops the
+   ones that cannot be used, counting them by reason (`SkipReason`); boxes partly outside
+   the image are clipped. Then `--score-thr` and `--max-dets` apply.
+
+Coordinates: input boxes are COCO XYWH in original pixels; `PromptRecord.box` is XYXY in
+original pixels (the frame of `ovsam_model.types.Prompts`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO, Union
+
+import torch
+
+from ovsam_model.types import Prompts
+
+Source = Union[str, Path]
+
+
+class InputError(ValueError):
+    """An input the run cannot proceed with; the message is one line for the user."""
+
+
+class SkipReason:
+    """Why a record was dropped (keys of `PromptSet.skipped`)."""
+
+    NON_FINITE = "NaN/inf values"
+    NON_POSITIVE = "box with non-positive size"
+    OUTSIDE = "box outside the image"
+    POINT_OUTSIDE = "point outside the image"
+    UNKNOWN_CATEGORY = "unknown category id"
+    IMAGE_NOT_IN_ANN = "image not in --ann"
+    IMAGE_UNREADABLE = "image file missing or corrupt"
+    IMAGE_SIZE_MISMATCH = "image size differs from --ann"
+    BELOW_SCORE_THR = "score below --score-thr"
+    OVER_MAX_DETS = "over --max-dets per image"
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One structurally valid input record, before the per-record checks.
+
+    bbox: COCO XYWH (boxes files; optional in points files).
+    category_id: the dataset id, or the 0-based contiguous index when `contiguous` is set
+    (detectron2 `instances_predictions.pth`).
+    """
+
+    index: int
+    image_id: int
+    score: float
+    category_id: Optional[int] = None
+    bbox: Optional[tuple[float, float, float, float]] = None
+    points: Optional[tuple[tuple[float, float], ...]] = None
+    point_labels: Optional[tuple[int, ...]] = None
+    contiguous: bool = False
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A usable prompt: `index` is the record's position in the input file (output order)."""
+
+    index: int
+    image_id: int
+    score: float
+    category_id: Optional[int]  # dataset category id of the detector (None if not given)
+    box: Optional[tuple[float, float, float, float]]  # XYXY original pixels, clipped
+    points: Optional[tuple[tuple[float, float], ...]] = None
+    point_labels: Optional[tuple[int, ...]] = None
+
+
+@dataclass
+class PromptSet:
+    """Kept prompts per image (each list in input order) and counts of what was dropped."""
+
+    by_image: dict[int, list[PromptRecord]] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+    clipped: int = 0
+    total: int = 0
+
+    @property
+    def num_prompts(self) -> int:
+        return sum(len(v) for v in self.by_image.values())
+
+
+# ---------------------------------------------------------------------------------------
+# stage 1: parsing and structure
+
+
+def _read_text(source: Source, stdin: Optional[TextIO]) -> tuple[str, str]:
+    if str(source) == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        return stream.read(), "<stdin>"
+    path = Path(source)
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from None
+
+
+def _parse_json_documents(text: str, name: str) -> list[tuple[Any, str]]:
+    """A JSON array or JSON Lines → [(record, where)]; `where` names it in messages."""
+    stripped = text.lstrip()
+    if not stripped:
+        return []
+    if stripped[0] == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{name}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        return [(rec, f"record {i}") for i, rec in enumerate(data)]
+    out: list[tuple[Any, str]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((json.loads(line), f"record {len(out)} (line {lineno})"))
+        except json.JSONDecodeError as exc:
+            if not out:
+                try:  # a single pretty-printed object: say what it is rather than "line 1"
+                    whole = json.loads(text)
+                except json.JSONDecodeError:
+                    whole = None
+                if isinstance(whole, dict):
+                    raise InputError(
+                        f"{name}: a JSON object, expected a JSON array or JSON Lines of detection records"
+                    ) from None
+            raise InputError(f"{name}: malformed JSON at line {lineno} column {exc.colno}: {exc.msg}") from None
+    return out
+
+
+def _number(rec: Mapping, key: str, where: str, name: str) -> float:
+    value = rec[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{name}: {where}: field '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _image_id(rec: Mapping, where: str, name: str) -> int:
+    value = rec["image_id"]
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise InputError(f"{name}: {where}: field 'image_id' must be an integer, got {value!r}")
+    return value
+
+
+def _require(rec: Any, fields: Sequence[str], where: str, name: str) -> Mapping:
+    if not isinstance(rec, dict):
+        raise InputError(f"{name}: {where}: expected a JSON object, got {type(rec).__name__}")
+    for key in fields:
+        if key not in rec:
+            raise InputError(f"{name}: {where}: missing field '{key}'")
+    return rec
+
+
+def _bbox(rec: Mapping, where: str, name: str) -> tuple[float, float, float, float]:
+    value = rec["bbox"]
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 4
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
+    ):
+        raise InputError(f"{name}: {where}: field 'bbox' must be [x, y, width, height], got {value!r}")
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+def _category(rec: Mapping, where: str, name: str) -> Optional[int]:
+    if "category_id" not in rec or rec["category_id"] is None:
+        return None
+    value = rec["category_id"]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name}: {where}: field 'category_id' must be an integer, got {value!r}")
+    return value
+
+
+def _box_record(
+    rec: Any, index: int, where: str, name: str, require_category: bool, contiguous: bool = False
+) -> RawRecord:
+    fields = ["image_id", "bbox", "score"] + (["category_id"] if require_category else [])
+    rec = _require(rec, fields, where, name)
+    return RawRecord(
+        index=index,
+        image_id=_image_id(rec, where, name),
+        score=_number(rec, "score", where, name),
+        category_id=_category(rec, where, name),
+        bbox=_bbox(rec, where, name),
+        contiguous=contiguous,
+    )
+
+
+def _read_detectron2_pth(path: Path, require_category: bool) -> list[RawRecord]:
+    """detectron2 `instances_predictions.pth`: [{image_id, instances: [{category_id 0-based, bbox XYWH, score}]}]."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise InputError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a list of {{image_id, instances}} (detectron2 layout), got {type(data).__name__}")
+    out: list[RawRecord] = []
+    for i, entry in enumerate(data):
+        entry = _require(entry, ["image_id"], f"entry {i}", str(path))
+        instances = entry.get("instances", [])
+        if not isinstance(instances, list):
+            raise InputError(f"{path}: entry {i}: field 'instances' must be a list")
+        for j, inst in enumerate(instances):
+            if isinstance(inst, dict) and "image_id" not in inst:
+                inst = {**inst, "image_id": entry["image_id"]}
+            out.append(_box_record(inst, len(out), f"entry {i} instance {j}", str(path), require_category, True))
+    return out
+
+
+def read_box_records(source: Source, *, require_category: bool = False, stdin: Optional[TextIO] = None) -> list[RawRecord]:
+    """Read `--boxes`: COCO results JSON array, JSON Lines, or detectron2 `.pth` ('-' = stdin).
+
+    Required fields: image_id, bbox (XYWH), score; category_id too when `require_category`.
+    """
+    if str(source) != "-" and Path(source).suffix in (".pth", ".pt"):
+        return _read_detectron2_pth(Path(source), require_category)
+    text, name = _read_text(source, stdin)
+    docs = _parse_json_documents(text, name)
+    return [_box_record(rec, i, where, name, require_category) for i, (rec, where) in enumerate(docs)]
+
+
+def read_point_records(source: Source, *, require_category: bool = False, stdin: Optional[TextIO] = None) -> list[RawRecord]:
+    """Read `--points`: records {image_id, points [[x, y], ...], labels [1|0, ...]} (JSON or JSONL).
+
+    Optional: score (default 1), category_id, bbox (XYWH, used together with the points).
+    """
+    text, name = _read_text(source, stdin)
+    out: list[RawRecord] = []
+    docs = _parse_json_documents(text, name)
+    with_box = [isinstance(rec, dict) and "bbox" in rec for rec, _ in docs]
+    if any(with_box) and not all(with_box):
+        first = with_box.index(not with_box[0])
+        raise InputError(f"{name}: {docs[first][1]}: give 'bbox' in every points record or in none")
+    for i, (rec, where) in enumerate(docs):
+        rec = _require(rec, ["image_id", "points", "labels"] + (["category_id"] if require_category else []), where, name)
+        pts, labels = rec["points"], rec["labels"]
+        ok = isinstance(pts, list) and len(pts) > 0 and all(
+            isinstance(p, (list, tuple))
+            and len(p) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+            for p in pts
+        )
+        if not ok:
+            raise InputError(f"{name}: {where}: field 'points' must be a non-empty list of [x, y], got {pts!r}")
+        if not isinstance(labels, list) or len(labels) != len(pts) or any(l not in (0, 1) or isinstance(l, bool) for l in labels):
+            raise InputError(f"{name}: {where}: field 'labels' must be one 1 (positive) or 0 (negative) per point")
+        out.append(
+            RawRecord(
+                index=i,
+                image_id=_image_id(rec, where, name),
+                score=_number(rec, "score", where, name) if "score" in rec else 1.0,
+                category_id=_category(rec, where, name),
+                bbox=_bbox(rec, where, name) if "bbox" in rec else None,
+                points=tuple((float(x), float(y)) for x, y in pts),
+                point_labels=tuple(int(l) for l in labels),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# stage 2: per-record checks, filtering, grouping
+
+SizeLookup = Callable[[int], Optional[tuple[int, int]]]
+"""image_id → (height, width); None when the image cannot be used (the reason is given separately)."""
+
+
+def _finite(values: Iterable[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def _clip_box(bbox: tuple[float, float, float, float], height: int, width: int) -> tuple[Optional[tuple], bool, Optional[str]]:
+    """XYWH → clipped XYXY; returns (box, was_clipped, skip_reason)."""
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return None, False, SkipReason.NON_POSITIVE
+    x1, y1, x2, y2 = x, y, x + w, y + h
+    cx1, cy1 = min(max(x1, 0.0), float(width)), min(max(y1, 0.0), float(height))
+    cx2, cy2 = min(max(x2, 0.0), float(width)), min(max(y2, 0.0), float(height))
+    if cx2 <= cx1 or cy2 <= cy1:
+        return None, False, SkipReason.OUTSIDE
+    clipped = (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2)
+    return (cx1, cy1, cx2, cy2), clipped, None
+
+
+def select_prompts(
+    records: Sequence[RawRecord],
+    *,
+    image_size: SizeLookup,
+    missing_reason: Callable[[int], str],
+    category_ids: Optional[Sequence[int]] = None,
+    check_categories: bool = True,
+    score_thr: float = 0.0,
+    max_dets: int = 300,
+) -> PromptSet:
+    """Per-record checks → kept prompts grouped per image.
+
+    category_ids: the known dataset category ids; sorted ascending, index i is contiguous id i of
+    detectron2 files. Ids outside it are skipped when `check_categories` (None: no check, and
+    contiguous ids cannot be mapped → skipped).
+    missing_reason(image_id): the SkipReason to count when `image_size` returns None.
+    max_dets keeps the highest-scoring records per image (ties: earlier record first); the kept
+    ones stay in input order.
+    """
+    known = None if category_ids is None or not check_categories else set(category_ids)
+    ordered = None if category_ids is None else sorted(category_ids)
+    result = PromptSet(total=len(records))
+    for rec in records:
+        numbers = [rec.score] + list(rec.bbox or ()) + [v for p in rec.points or () for v in p]
+        if not _finite(numbers):
+            result.skipped[SkipReason.NON_FINITE] += 1
+            continue
+        category = rec.category_id
+        if category is not None:
+            if rec.contiguous:
+                category = ordered[category] if ordered is not None and 0 <= category < len(ordered) else None
+                if category is None:
+                    result.skipped[SkipReason.UNKNOWN_CATEGORY] += 1
+                    continue
+            elif known is not None and category not in known:
+                result.skipped[SkipReason.UNKNOWN_CATEGORY] += 1
+                continue
+        if rec.bbox is not None and (rec.bbox[2] <= 0 or rec.bbox[3] <= 0):
+            result.skipped[SkipReason.NON_POSITIVE] += 1
+            continue
+        size = image_size(rec.image_id)
+        if size is None:
+            result.skipped[missing_reason(rec.image_id)] += 1
+            continue
+        height, width = size
+        box = None
+        if rec.bbox is not None:
+            box, clipped, reason = _clip_box(rec.bbox, height, width)
+            if reason is not None:
+                result.skipped[reason] += 1
+                continue
+            result.clipped += int(clipped)
+        if rec.points is not None and not all(0 <= x <= width and 0 <= y <= height for x, y in rec.points):
+            result.skipped[SkipReason.POINT_OUTSIDE] += 1
+            continue
+        if rec.score < score_thr:
+            result.skipped[SkipReason.BELOW_SCORE_THR] += 1
+            continue
+        result.by_image.setdefault(rec.image_id, []).append(
+            PromptRecord(
+                index=rec.index,
+                image_id=rec.image_id,
+                score=rec.score,
+                category_id=category,
+                box=box,
+                points=rec.points,
+                point_labels=rec.point_labels,
+            )
+        )
+    for image_id, prompts in result.by_image.items():
+        if len(prompts) > max_dets:
+            best = sorted(prompts, key=lambda p: (-p.score, p.index))[:max_dets]
+            result.skipped[SkipReason.OVER_MAX_DETS] += len(prompts) - len(best)
+            result.by_image[image_id] = sorted(best, key=lambda p: p.index)
+    return result
+
+
+def prompts_for(records: Sequence[PromptRecord]) -> Prompts:
+    """One image's prompt records → `Prompts` (XYXY boxes and/or points, original pixels).
+
+    Point sets of different lengths are padded with label -1, SAM's "not a point".
+    """
+    boxes = [r.box for r in records] if records and records[0].box is not None else None
+    if not records or records[0].points is None:
+        return Prompts(boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) if boxes else torch.zeros(0, 4))
+    longest = max(len(r.points) for r in records)
+    points = torch.zeros(len(records), longest, 2)
+    labels = torch.full((len(records), longest), -1, dtype=torch.long)
+    for i, r in enumerate(records):
+        points[i, : len(r.points)] = torch.tensor(r.points)
+        labels[i, : len(r.points)] = torch.tensor(r.point_labels)
+    return Prompts(boxes=torch.tensor(boxes) if boxes else None, points=points, point_labels=labels)
