@@ -1,0 +1,64 @@
+"""Shared fixtures: the real test data folder, the `gpu` marker, a randomly initialised OVSAM."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("OVSAM_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Real test data (env `OVSAM_TEST_DATA`, default `<repo>/../shared/data`)."""
+    path = _data_dir()
+    if not path.is_dir():
+        pytest.skip(f"test data not found at {path} (set OVSAM_TEST_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def keys_dir(data_dir: Path) -> Path:
+    """The official state-dict layouts (`ovsam-keys/*.json`)."""
+    path = data_dir / "ovsam-keys"
+    if not path.is_dir():
+        pytest.skip(f"no ovsam-keys layouts in {data_dir}")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def build_random_ovsam(name: str = "ovsam-rn50x16-coco"):
+    """The full-size model with random weights: through `ovsam_model.builder` when it exists,
+    else the composition root directly. Skips when neither is importable."""
+    if importlib.util.find_spec("ovsam_model.builder") is not None:
+        from ovsam_model.builder import build_model
+
+        return build_model(name, random_weights=True)
+    if importlib.util.find_spec("ovsam_model.modeling.ovsam") is None:
+        pytest.skip("ovsam_model.modeling is not available")
+    from ovsam_model.modeling.ovsam import OVSAM
+    from ovsam_model.registry import get_spec
+
+    return OVSAM.from_config(get_spec(name).config)
+
+
+@pytest.fixture(scope="session")
+def random_ovsam():
+    """One full-size RN50x16 OVSAM with random weights, shared by the tests (≈2.5 GB, ~7 s)."""
+    return build_random_ovsam()
