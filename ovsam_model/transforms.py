@@ -1,7 +1,7 @@
 """Every change of coordinate frame: original pixels ↔ the padded square model input.
 
-The model frame is SAM's: resize so the longest side is `size` (bilinear, antialiased,
-as `ResizeLongestSide.apply_image_torch`), normalise, zero-pad bottom/right to size².
+The model frame is SAM's: resize so the longest side is `size` (`ResizeLongestSide.apply_image`,
+the PIL bilinear resize SAM's own predictor uses), normalise, zero-pad bottom/right to size².
 Prompt coordinates are scaled by the same factors as `ResizeLongestSide.apply_coords`.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from .config import PIXEL_MEAN, PIXEL_STD
 from .types import PreparedImage
@@ -32,8 +33,8 @@ def prepare_image(
         raise ValueError(f"expected an HxWx3 RGB image, got shape {tuple(image.shape)}")
     height, width = image.shape[:2]
     h, w = resized_shape(height, width, size)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(image, dtype=np.uint8))
+    x = torch.from_numpy(resized).permute(2, 0, 1).float()
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     x = F.pad(x, (0, size - w, 0, size - h))
     return PreparedImage(pixels=x.contiguous(), original_size=(height, width), input_size=(h, w))
