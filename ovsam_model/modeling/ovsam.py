@@ -42,16 +42,16 @@ def mask_boxes(mask_logits: torch.Tensor, scale: float) -> tuple[torch.Tensor, t
     mask_logits: [N, 1, h, w] → boxes [N, 4] XYXY (min index, max index, as
     `torchvision.ops.masks_to_boxes`), nonempty [N] bool. Empty masks get a zero box.
     """
-    fg = mask_logits[:, 0] > 0
-    rows, cols = fg.any(dim=2), fg.any(dim=1)  # [N, w] (any over rows), [N, h]
-    nonempty = rows.any(dim=1)
-    w, h = fg.shape[2], fg.shape[1]
+    fg = mask_logits[:, 0] > 0  # [N, h, w]
+    xs_on, ys_on = fg.any(dim=1), fg.any(dim=2)  # [N, w] occupied columns, [N, h] occupied rows
+    nonempty = xs_on.any(dim=1)
+    h, w = fg.shape[1], fg.shape[2]
     xr = torch.arange(w, device=fg.device)
     yr = torch.arange(h, device=fg.device)
-    x1 = torch.where(rows, xr, w).min(dim=1).values
-    x2 = torch.where(rows, xr, -1).max(dim=1).values
-    y1 = torch.where(cols, yr, h).min(dim=1).values
-    y2 = torch.where(cols, yr, -1).max(dim=1).values
+    x1 = torch.where(xs_on, xr, w).min(dim=1).values
+    x2 = torch.where(xs_on, xr, -1).max(dim=1).values
+    y1 = torch.where(ys_on, yr, h).min(dim=1).values
+    y2 = torch.where(ys_on, yr, -1).max(dim=1).values
     boxes = torch.stack([x1, y1, x2, y2], dim=1).float() * scale
     return torch.where(nonempty[:, None], boxes, torch.zeros_like(boxes)), nonempty
 
