@@ -29,7 +29,7 @@ class LoadedImage:
 def read_rgb(path) -> np.ndarray:
     """H×W×3 uint8 RGB (pixel layout as stored: no EXIF rotation, matching COCO sizes)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))  # writable copy (torch.from_numpy warns on read-only)
 
 
 class ImageDataset(Dataset):

@@ -230,6 +230,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             json.dump(obj, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

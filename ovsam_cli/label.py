@@ -1,0 +1,487 @@
+"""`ovsam label`: detector boxes (or clicks) in, masks and open-vocabulary labels out, as COCO JSON.
+
+The command only wires things together: reading and checking inputs (`ovsam_model.io.detections`,
+`.datasets`), decoding in DataLoader workers (`.loader`), the model (`ovsam_model.builder`), and
+the resumable writers (`.writers`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional, Sequence
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ovsam_model.io.datasets import ImageSource, load_image_source
+from ovsam_model.io.detections import (
+    InputError,
+    PromptSet,
+    RawRecord,
+    prompts_for,
+    read_box_records,
+    read_point_records,
+    select_prompts,
+)
+from ovsam_model.io.loader import make_loader
+from ovsam_model.io.writers import (
+    PartWriter,
+    all_part_paths,
+    assemble,
+    build_records,
+    image_entry,
+    part_path,
+    read_done,
+    read_part,
+    write_json_atomic,
+    write_json_stream,
+)
+from ovsam_model.types import Predictor
+
+console = Console(stderr=True)
+
+RANK_WAIT_S = float(os.environ.get("OVSAM_RANK_WAIT_S", 24 * 3600))
+
+
+class LabelSource(str, Enum):
+    ovsam = "ovsam"
+    detector = "detector"
+
+
+class OutputFormat(str, Enum):
+    results = "results"
+    dataset = "dataset"
+
+
+class LabelAbort(Exception):
+    """A user-facing failure: one line, exit code."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class LabelJob:
+    """Everything one run needs (picklable: handed to one process per device)."""
+
+    boxes: Optional[str]
+    points: Optional[str]
+    images: Path
+    ann: Optional[Path]
+    out: str
+    score_thr: float
+    max_dets: int
+    model: str
+    vocab: Optional[str]
+    device: str
+    batch_size: int
+    box_batch: int
+    label_source: str
+    fmt: str
+    polygons: bool
+    resume: bool
+    amp: bool
+    workers: int
+    quiet: bool
+    topk: int
+    cache_dir: Optional[Path] = None
+    offline: Optional[bool] = None
+    overrides: dict[str, Path] = field(default_factory=dict)
+    clip_weights: Optional[Path] = None
+
+
+@dataclass
+class RankStats:
+    images: int = 0
+    prompts: int = 0
+    resumed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+def load_predictor(job: LabelJob, device: str) -> Predictor:
+    """The model of `job` on `device` (a seam for tests)."""
+    from ovsam_model.builder import build_predictor
+
+    return build_predictor(
+        job.model,
+        vocab=job.vocab,
+        device=device,
+        cache_dir=job.cache_dir,
+        offline=job.offline,
+        overrides=job.overrides or None,
+        clip_weights=job.clip_weights,
+        box_chunk=job.box_batch,
+        amp=job.amp,
+        topk=job.topk,
+    )
+
+
+def _model_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = []
+    try:
+        from ovsam_model.weights import WeightsError
+
+        errors.append(WeightsError)
+    except ImportError:
+        pass
+    try:
+        from ovsam_model.checkpoint import CheckpointError
+
+        errors.append(CheckpointError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _resolve_device(device: str, local_rank: int = 0) -> str:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    return device
+
+
+def _fingerprint(job: LabelJob, prompts: PromptSet) -> str:
+    """What the part files' contents depend on: the model options and the kept prompts."""
+    h = hashlib.sha256()
+    options = {k: str(v) for k, v in asdict(job).items() if k in ("model", "vocab", "label_source", "polygons", "topk", "amp")}
+    h.update(json.dumps(options, sort_keys=True).encode())
+    h.update(json.dumps({k: [list(map(str, asdict(p).values())) for p in v] for k, v in sorted(prompts.by_image.items())}).encode())
+    return h.hexdigest()[:32]
+
+
+def _categories(job: LabelJob, source: ImageSource, predictor: Predictor) -> list[dict]:
+    if job.label_source == LabelSource.detector.value and source.categories is not None:
+        return source.categories
+    return [{"id": int(i), "name": str(n)} for i, n in zip(predictor.category_ids, predictor.class_names)]
+
+
+def _read_records(job: LabelJob) -> list[RawRecord]:
+    require_category = job.label_source == LabelSource.detector.value
+    if job.points is not None:
+        return read_point_records(job.points, require_category=require_category)
+    return read_box_records(job.boxes, require_category=require_category)  # type: ignore[arg-type]
+
+
+def _check_ann_covers(records: Sequence[RawRecord], source: ImageSource, ann: Optional[Path]) -> None:
+    """With --ann, detections of which no image is in it mean the wrong --ann: stop."""
+    if ann is None or not records:
+        return
+    if all(source.get(r.image_id) is None for r in records):
+        raise InputError(f"--ann {ann} has none of the images of the prompts (e.g. image_id {records[0].image_id})")
+
+
+def _progress(show: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images · {task.fields[boxes]} boxes · {task.fields[rate]} images/s"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show,
+        transient=False,
+    )
+
+
+def run_rank(job: LabelJob, rank: int, world: int, device: str) -> tuple[RankStats, list[dict], PromptSet, Predictor, ImageSource, str]:
+    """Label this rank's share of the images (every `world`-th image id, sorted by id).
+
+    Finished images go to this rank's part file (or are returned in memory for stdout output).
+    """
+    source = load_image_source(job.images, job.ann)
+    records = _read_records(job)
+    _check_ann_covers(records, source, job.ann)
+    try:
+        predictor = load_predictor(job, device)
+    except _model_errors() as exc:
+        raise LabelAbort(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    mapping = source.category_ids if source.category_ids is not None else list(predictor.category_ids)
+    check = source.categories is not None or job.label_source == LabelSource.detector.value
+    prompts = select_prompts(
+        records,
+        image_size=source.size,
+        missing_reason=source.missing_reason,
+        category_ids=mapping,
+        check_categories=check,
+        score_thr=job.score_thr,
+        max_dets=job.max_dets,
+    )
+    fingerprint = _fingerprint(job, prompts)
+    mine = sorted(prompts.by_image)[rank::world]
+    stats = RankStats()
+    entries: list[dict] = []
+    writer: Optional[PartWriter] = None
+    done: dict[int, dict] = {}
+    if job.out != "-":
+        writer = PartWriter(part_path(Path(job.out), rank, world), fingerprint, resume=job.resume)
+        if job.resume:
+            done = {**read_done(Path(job.out), fingerprint), **writer.done}
+    todo = [source.get(i) for i in mine if i not in done]
+    stats.resumed = len(mine) - len(todo)
+    categories = list(predictor.category_ids)
+    started = time.monotonic()
+    try:
+        with _progress(not job.quiet and rank == 0) as progress:
+            task = progress.add_task("labeling", total=len(todo), boxes=0, rate="0.0")
+            loader = make_loader(todo, predictor.prepare, batch_size=job.batch_size, workers=job.workers)
+            for batch in loader:
+                ok = [item for item in batch if item.prepared is not None]
+                for item in batch:
+                    if item.prepared is None:
+                        n = len(prompts.by_image[item.record.id])
+                        stats.skipped[item.reason] += n
+                        if not job.quiet:
+                            progress.console.print(f"[yellow]warning:[/] image {item.record.id} ({item.record.path}): {item.error}; {n} prompts skipped")
+                batch_prompts = [prompts.by_image[item.record.id] for item in ok]
+                predictions = predictor.predict_prepared([item.prepared for item in ok], [prompts_for(p) for p in batch_prompts]) if ok else []
+                new = []
+                for item, kept, prediction in zip(ok, batch_prompts, predictions):
+                    recs = build_records(
+                        item.record, kept, prediction, category_ids=categories, label_source=job.label_source, polygons=job.polygons
+                    )
+                    new.append({"image": image_entry(item.record), "records": recs})
+                    stats.images += 1
+                    stats.prompts += len(kept)
+                if writer is not None:
+                    writer.append(new)
+                else:
+                    entries.extend(new)
+                elapsed = max(time.monotonic() - started, 1e-9)
+                progress.update(task, advance=len(batch), boxes=stats.prompts, rate=f"{stats.images / elapsed:.1f}")
+        if writer is not None:
+            writer.finish(world)
+    finally:
+        if writer is not None:
+            writer.close()
+    return stats, entries, prompts, predictor, source, fingerprint
+
+
+def _wait_for_ranks(out: Path, world: int) -> None:
+    """Rank 0 waits until every other rank has marked its part file done for this world size."""
+    deadline = time.monotonic() + RANK_WAIT_S
+    for rank in range(1, world):
+        path = part_path(out, rank, world)
+        while not (path.exists() and world in read_part(path).done_worlds):
+            if time.monotonic() > deadline:
+                raise LabelAbort(f"rank {rank} did not finish ({path}); rerun with --resume")
+            time.sleep(1.0)
+
+
+def merge_output(job: LabelJob, fingerprint: str, categories: list[dict], expected: Sequence[int]) -> int:
+    """Merge every part file of `job.out` into the final JSON (atomic), then remove the parts."""
+    out = Path(job.out)
+    done = read_done(out, fingerprint)
+    missing = [i for i in expected if i not in done]
+    if missing:
+        raise LabelAbort(f"part files lack {len(missing)} images (e.g. image_id {missing[0]}); rerun with --resume")
+    obj = assemble(done.values(), fmt=job.fmt, categories=categories)
+    write_json_atomic(out, obj)
+    for path in all_part_paths(out):
+        path.unlink()
+    return len(obj) if isinstance(obj, list) else len(obj["annotations"])
+
+
+def _summary(stats: RankStats, prompts: PromptSet, records: int, elapsed: float, world: int) -> None:
+    rate = stats.images / elapsed if elapsed > 0 else 0.0
+    console.print(
+        f"labeled {stats.images} images, {stats.prompts} prompts → {records} records"
+        + (f" ({stats.resumed} images done before --resume)" if stats.resumed else "")
+        + (f" on {world} ranks (counts of rank 0)" if world > 1 else "")
+        + f" in {elapsed:.1f} s ({rate:.2f} images/s)"
+    )
+    skipped = prompts.skipped + stats.skipped
+    if skipped:
+        console.print(f"skipped {sum(skipped.values())} of {prompts.total} records: " + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())))
+    if prompts.clipped:
+        console.print(f"clipped {prompts.clipped} boxes partly outside their image")
+
+
+def _run_and_merge(job: LabelJob, rank: int, world: int, device: str, started: float) -> None:
+    stats, entries, prompts, predictor, source, fingerprint = run_rank(job, rank, world, device)
+    if rank != 0:
+        return
+    categories = _categories(job, source, predictor)
+    if job.out == "-":
+        obj = assemble(entries, fmt=job.fmt, categories=categories)
+        write_json_stream(sys.stdout, obj)
+        n = len(obj) if isinstance(obj, list) else len(obj["annotations"])
+    else:
+        if world > 1:
+            _wait_for_ranks(Path(job.out), world)
+        n = merge_output(job, fingerprint, categories, sorted(prompts.by_image))
+    if not job.quiet:
+        _summary(stats, prompts, n, time.monotonic() - started, world)
+
+
+def _shard_worker(rank: int, job: LabelJob, devices: list[str], started: float) -> None:
+    """One spawned process of `--devices`: errors become one line and an exit code."""
+    try:
+        _run_and_merge(job, rank, len(devices), devices[rank], started)
+    except (InputError, LabelAbort) as exc:
+        console.print(f"[red]error:[/] rank {rank}: {exc}")
+        sys.exit(getattr(exc, "code", 2))
+
+
+def _device_list(devices: str) -> list[str]:
+    out = []
+    for item in devices.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        out.append(f"cuda:{item}" if item.isdigit() else item)
+    if not out:
+        raise LabelAbort(f"--devices {devices!r}: give device indices like 0,1")
+    return out
+
+
+def execute(job: LabelJob, devices: Optional[list[str]] = None) -> None:
+    """Run `job`: in this process (single rank, or one torchrun rank), or one process per device.
+
+    Ranks: torchrun's WORLD_SIZE / RANK / LOCAL_RANK, else `devices`. Rank r labels the sorted
+    image ids r, r + world, ...; rank 0 waits for the others' part files and merges them.
+    """
+    started = time.monotonic()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if devices and len(devices) > 1 and world == 1:
+        if job.out == "-":
+            raise LabelAbort("--devices with several devices needs --out FILE")
+        import torch.multiprocessing as mp
+
+        try:
+            mp.spawn(_shard_worker, args=(job, devices, started), nprocs=len(devices), join=True)
+        except mp.ProcessException as exc:
+            raise LabelAbort(f"a device process failed ({str(exc).splitlines()[0]}); rerun with --resume", 1) from None
+        return
+    if world > 1 and job.out == "-":
+        raise LabelAbort("several ranks (WORLD_SIZE > 1) need --out FILE")
+    device = devices[local_rank % len(devices)] if devices else _resolve_device(job.device, local_rank)
+    _run_and_merge(job, rank, world, device, started)
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        component, sep, path = item.partition("=")
+        if not sep or not component or not path:
+            raise LabelAbort(f"--checkpoint {item!r}: expected COMPONENT=PATH")
+        out[component] = Path(path)
+    return out
+
+
+def label(
+    boxes: Annotated[
+        Optional[str],
+        typer.Option("--boxes", help="Detections: COCO results JSON array, JSON Lines, or detectron2 instances_predictions.pth; '-' reads stdin."),
+    ] = None,
+    points: Annotated[
+        Optional[str],
+        typer.Option("--points", help="Clicks instead of boxes: records with image_id, points (a list of x,y pairs) and labels (1 positive, 0 negative per point), JSON or JSON Lines."),
+    ] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of the images.")] = None,
+    ann: Annotated[
+        Optional[Path],
+        typer.Option("--ann", help="COCO or LVIS dataset JSON: file names (LVIS: from coco_url), sizes, categories. Without it: DIR/{image_id:012d}.jpg."),
+    ] = None,
+    out: Annotated[str, typer.Option("--out", help="Output JSON file, or '-' for stdout (written at the end).")] = "-",
+    score_thr: Annotated[float, typer.Option("--score-thr", help="Drop detections with a detector score below this.")] = 0.0,
+    max_dets: Annotated[int, typer.Option("--max-dets", min=1, help="Keep at most this many detections per image (highest scores).")] = 300,
+    model: Annotated[str, typer.Option("--model", help="Model name from the registry.")] = "ovsam-rn50x16-lvis",
+    vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary (coco, lvis, a names file, ...); default: the model's.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    devices: Annotated[
+        Optional[str],
+        typer.Option("--devices", help="Several GPUs, e.g. 0,1: one process per device, images sharded, one merged output (or use torchrun)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model batch.")] = 2,
+    box_batch: Annotated[int, typer.Option("--box-batch", min=1, help="Prompts per decoder chunk (bounds memory on images with many boxes).")] = 64,
+    label_source: Annotated[
+        LabelSource,
+        typer.Option(
+            "--label-source",
+            help="ovsam: open-vocabulary label, score = detector score × label probability. "
+            "detector: keep the detector's category and score, only add masks.",
+        ),
+    ] = LabelSource.ovsam,
+    fmt: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="results: COCO results array (loadRes / LVISResults). dataset: COCO dataset JSON (images, categories, annotations)."),
+    ] = OutputFormat.results,
+    polygons: Annotated[bool, typer.Option("--polygons", help="Write polygons instead of RLE (Label Studio, CVAT); loadRes needs RLE.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its part file next to --out.")] = False,
+    no_amp: Annotated[bool, typer.Option("--no-amp", help="Run in float32 on CUDA (default: bf16 autocast).")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding and resizing images.")] = 2,
+    topk: Annotated[int, typer.Option("--topk", min=1, help="Alternative labels kept per mask (field 'topk').")] = 5,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr.")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Weights cache folder (default: OVSAM_CACHE_DIR or the user cache).")] = None,
+    offline: Annotated[Optional[bool], typer.Option("--offline/--online", help="Never download (default: OVSAM_OFFLINE).")] = None,
+    checkpoint: Annotated[
+        Optional[list[str]], typer.Option("--checkpoint", help="Use a local weight file: COMPONENT=PATH (repeatable).")
+    ] = None,
+    clip_weights: Annotated[Optional[Path], typer.Option("--clip-weights", help="Local open_clip weights file.")] = None,
+) -> None:
+    """Masks and open-vocabulary labels for detector boxes (or clicks), written as COCO JSON.
+
+    Each output record: image_id, category_id, score, bbox (XYWH of the mask), segmentation
+    (compressed RLE at the image size), detector_score, detector_category_id, topk (the best
+    vocabulary labels with their probabilities).
+
+    With --label-source ovsam the score is the detector score times the label probability;
+    with --label-source detector the detector's category and score are kept.
+    """
+    try:
+        if (boxes is None) == (points is None):
+            raise LabelAbort("give exactly one of --boxes and --points")
+        if images is None:
+            raise LabelAbort("--images DIR is required")
+        if resume and out == "-":
+            raise LabelAbort("--resume needs --out FILE (stdout output cannot be resumed)")
+        if out != "-" and not Path(out).parent.is_dir():
+            raise LabelAbort(f"--out {out}: folder {Path(out).parent} does not exist")
+        job = LabelJob(
+            boxes=boxes,
+            points=points,
+            images=images,
+            ann=ann,
+            out=out,
+            score_thr=score_thr,
+            max_dets=max_dets,
+            model=model,
+            vocab=vocab,
+            device=device,
+            batch_size=batch_size,
+            box_batch=box_batch,
+            label_source=label_source.value,
+            fmt=fmt.value,
+            polygons=polygons,
+            resume=resume,
+            amp=not no_amp,
+            workers=workers,
+            quiet=quiet,
+            topk=topk,
+            cache_dir=cache_dir,
+            offline=offline,
+            overrides=_parse_overrides(checkpoint or []),
+            clip_weights=clip_weights,
+        )
+        execute(job, _device_list(devices) if devices else None)
+    except (InputError, LabelAbort) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(getattr(exc, "code", 2)) from None
+    except KeyboardInterrupt:
+        console.print("interrupted; finished images are kept, rerun with --resume to continue" if out != "-" else "interrupted")
+        raise typer.Exit(130) from None
