@@ -202,7 +202,7 @@ def evaluate_prompts(
         bar.update(len(batch))
     bar.close()
 
-    notes = ["IoU exact on boolean masks at the original resolution; values are fractions",
+    notes = ["mask IoU exact on boolean masks at the original resolution (JSON: fractions; table: percent)",
              "crowd annotations and annotations with empty masks are skipped"]
     if dataset == "coco":
         notes.append("base/novel = COCO OV 48/17; the 15 other classes count toward the overall numbers only")

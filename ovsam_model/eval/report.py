@@ -92,8 +92,8 @@ PROMPT_COLUMNS = (
 
 
 def prompt_table(results: Sequence[PromptResult]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): one row per model, values in percent, then instance counts."""
-    header = ["model"] + [name for name, _ in PROMPT_COLUMNS] + ["instances", "base", "novel"]
+    """(header, rows): one row per model, values in percent, then instance counts (all / base / novel)."""
+    header = ["model"] + [name for name, _ in PROMPT_COLUMNS] + ["N", "N_b", "N_n"]
     rows = []
     for r in results:
         rows.append(
