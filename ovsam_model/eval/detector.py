@@ -22,7 +22,6 @@ import copy
 import io
 import logging
 import os
-from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
