@@ -1,0 +1,1 @@
+"""`ovsam` command line: thin Typer commands over `ovsam_model`."""
