@@ -1,0 +1,275 @@
+"""`ovsam label` end to end with the `tiny` model (real architecture, random weights) on real COCO data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import ovsam_cli.label as label_mod
+from ovsam_cli.label import label
+
+app = typer.Typer(no_args_is_help=True)
+app.command("label")(label)
+app.command("noop")(lambda: None)  # two commands, so `label` stays a subcommand as in main.py
+
+_real_load = label_mod.load_predictor
+_cache: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def cached_model(monkeypatch):
+    """Build each (model, vocab, topk) once through the real builder: the suite stays fast."""
+
+    def load(job, device):
+        key = (job.model, job.vocab, job.topk)
+        if key not in _cache:
+            _cache[key] = _real_load(job, device)
+        return _cache[key]
+
+    monkeypatch.setattr(label_mod, "load_predictor", load)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(app, ["label", "--model", "tiny", "--device", "cpu", "--workers", "0", *map(str, args)], input=input)
+
+
+@pytest.fixture(scope="module")
+def mini(data_dir):
+    root = data_dir / "coco-val2017-mini"
+    if not root.is_dir():
+        pytest.skip("coco-val2017-mini not in the test data")
+    gt = json.loads((root / "instances.json").read_text())
+    ids = sorted(im["id"] for im in gt["images"])[:3]
+    boxes = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+        if a["image_id"] in ids and not a["iscrowd"]
+    ]
+    return root, gt, ids, boxes
+
+
+def _lvis_gt(coco_gt: dict) -> dict:
+    """A minimal LVIS-style GT from a COCO one (coco_url instead of file_name, LVIS fields)."""
+    gt = copy.deepcopy(coco_gt)
+    for im in gt["images"]:
+        im.pop("file_name", None)
+        im.update(neg_category_ids=[], not_exhaustive_category_ids=[])
+    for c in gt["categories"]:
+        c.update(frequency="f", image_count=1, instance_count=1, synonyms=[c["name"]])
+    gt["annotations"] = [a for a in gt["annotations"] if not a.get("iscrowd")]
+    return gt
+
+
+def _check_loadable(results: list, gt: dict, tmp_path: Path) -> None:
+    from lvis import LVIS, LVISResults
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = copy.deepcopy(gt)
+    coco.createIndex()
+    loaded = coco.loadRes(copy.deepcopy(results))
+    assert len(loaded.getAnnIds()) == len(results)
+    lvis_path = tmp_path / "lvis_gt.json"
+    lvis_path.write_text(json.dumps(_lvis_gt(gt)))
+    lres = LVISResults(LVIS(str(lvis_path)), copy.deepcopy(results), max_dets=300)
+    assert len(lres.get_ann_ids()) == len(results)
+
+
+def test_mini_end_to_end(mini, tmp_path):
+    root, gt, ids, boxes = mini
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    out = tmp_path / "labeled.json"
+    r = run("--boxes", tmp_path / "boxes.json", "--images", root / "images", "--ann", root / "instances.json", "--out", out, "--batch-size", 2)
+    assert r.exit_code == 0, r.output
+    assert f"labeled 3 images, {len(boxes)} prompts" in r.stderr
+    results = json.loads(out.read_text())
+    assert len(results) == len(boxes)
+    # same boxes, same order (image id, then input order)
+    expected = sorted(range(len(boxes)), key=lambda i: (boxes[i]["image_id"], i))
+    assert [(r["image_id"], r["detector_category_id"]) for r in results] == [(boxes[i]["image_id"], boxes[i]["category_id"]) for i in expected]
+    sizes = {im["id"]: [im["height"], im["width"]] for im in gt["images"]}
+    assert all(rec["segmentation"]["size"] == sizes[rec["image_id"]] for rec in results)
+    vocab_ids = set(_cache[("tiny", None, 5)].category_ids)
+    assert all(rec["category_id"] in vocab_ids and 0 <= rec["score"] <= 0.9 + 1e-6 for rec in results)
+    assert all(len(rec["topk"]) == 5 for rec in results)
+    assert not list(tmp_path.glob("*.partial*"))
+    _check_loadable(results, gt, tmp_path)
+
+
+def test_detector_outputs_sample(data_dir, tmp_path):
+    root = data_dir / "coco-detections-sample"
+    if not root.is_dir():
+        pytest.skip("coco-detections-sample not in the test data")
+    dets = json.loads((root / "instances_val2014_fakebbox100_results.json").read_text())
+    dets = [d for d in dets if d["image_id"] in (139, 802)]
+    gt = json.loads((root / "instances_val2017_subset_139_802.json").read_text())
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    out = tmp_path / "out.json"
+    r = run("--boxes", tmp_path / "dets.json", "--images", root / "images", "--ann", root / "instances_val2017_subset_139_802.json",
+            "--out", out, "--label-source", "detector", "--score-thr", 0.3)
+    assert r.exit_code == 0, r.output
+    kept = [d for d in dets if d["score"] >= 0.3]
+    results = json.loads(out.read_text())
+    assert len(results) == len(kept) > 0
+    assert sorted((x["image_id"], x["category_id"], x["score"]) for x in results) == sorted((d["image_id"], d["category_id"], d["score"]) for d in kept)
+    assert f"score below --score-thr: {len(dets) - len(kept)}" in r.stderr
+    _check_loadable(results, gt, tmp_path)
+
+
+def test_stdin_stdout_and_dataset_format(mini, tmp_path):
+    from pycocotools.coco import COCO
+
+    root, gt, ids, boxes = mini
+    one = [b for b in boxes if b["image_id"] == ids[0]]
+    lines = "\n".join(json.dumps(b) for b in one) + "\n"
+    r = run("--boxes", "-", "--images", root / "images", "--ann", root / "instances.json", "--format", "dataset", "--quiet", input=lines)
+    assert r.exit_code == 0, r.output
+    assert r.stderr == ""
+    ds = json.loads(r.stdout)
+    assert [im["id"] for im in ds["images"]] == [ids[0]] and len(ds["annotations"]) == len(one)
+    (tmp_path / "ds.json").write_text(r.stdout)
+    coco = COCO(str(tmp_path / "ds.json"))
+    ann = coco.loadAnns(coco.getAnnIds())[0]
+    assert ann["area"] == int(coco.annToMask(ann).sum())
+
+
+def test_points_polygons_no_ann(mini, tmp_path):
+    root, gt, ids, boxes = mini
+    b = next(b for b in boxes if b["image_id"] == ids[0])
+    x, y, w, h = b["bbox"]
+    clicks = [{"image_id": ids[0], "points": [[x + w / 2, y + h / 2], [x + 1, y + 1]], "labels": [1, 0]},
+              {"image_id": ids[0], "points": [[x + w / 2, y + h / 2]], "labels": [1]}]
+    (tmp_path / "p.json").write_text(json.dumps(clicks))
+    r = run("--points", tmp_path / "p.json", "--images", root / "images", "--format", "dataset", "--polygons", "-q")
+    assert r.exit_code == 0, r.output
+    ds = json.loads(r.stdout)
+    assert len(ds["annotations"]) == 2
+    assert all(isinstance(a["segmentation"], list) for a in ds["annotations"])
+    assert ds["images"][0]["file_name"] == f"{ids[0]:012d}.jpg"
+
+
+def _interrupt_after(monkeypatch, n_images: int):
+    predictor = _cache[("tiny", None, 5)]
+    original = predictor.predict_prepared
+    seen = {"n": 0}
+
+    def flaky(images, prompts):
+        if seen["n"] >= n_images:
+            raise KeyboardInterrupt
+        seen["n"] += len(images)
+        return original(images, prompts)
+
+    monkeypatch.setattr(predictor, "predict_prepared", flaky)
+
+
+def test_resume_after_interrupt_is_identical(mini, tmp_path, monkeypatch):
+    root, gt, ids, boxes = mini
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    args = ["--boxes", tmp_path / "boxes.json", "--images", root / "images", "--ann", root / "instances.json", "--batch-size", 1, "-q"]
+    ref = tmp_path / "ref.json"
+    assert run(*args, "--out", ref).exit_code == 0
+    out = tmp_path / "out.json"
+    _interrupt_after(monkeypatch, 2)
+    r = run(*args, "--out", out)
+    assert r.exit_code == 130 and "--resume" in r.stderr
+    assert not out.exists()
+    part = tmp_path / "out.json.partial.jsonl"
+    assert len(part.read_text().splitlines()) == 3  # header + 2 images
+    with open(part, "a") as f:
+        f.write('{"image":{"id":1')  # a torn line, as after SIGKILL
+    monkeypatch.undo()
+    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device: _cache[(job.model, job.vocab, job.topk)])
+    r = run(*args, "--out", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == ref.read_bytes()
+    assert not part.exists()
+
+
+def test_two_rank_shards_merge(mini, tmp_path, monkeypatch):
+    root, gt, ids, boxes = mini
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    args = ["--boxes", tmp_path / "boxes.json", "--images", root / "images", "--ann", root / "instances.json", "-q"]
+    ref = tmp_path / "ref.json"
+    assert run(*args, "--out", ref).exit_code == 0
+    out = tmp_path / "out.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run(*args, "--out", out).exit_code == 0  # rank 1: its part file only
+    assert not out.exists()
+    rank1 = [json.loads(l) for l in (tmp_path / "out.json.partial.rank1.jsonl").read_text().splitlines()]
+    assert [e["image"]["id"] for e in rank1 if "image" in e] == [sorted(ids)[1]]
+    monkeypatch.setenv("RANK", "0")
+    assert run(*args, "--out", out).exit_code == 0  # rank 0 waits for rank 1 (done) and merges
+    assert out.read_bytes() == ref.read_bytes()
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_empty_detections_give_empty_output(mini, tmp_path):
+    root, *_ = mini
+    r = run("--boxes", "-", "--images", root / "images", "--ann", root / "instances.json", input="[]")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == []
+
+
+def test_missing_image_file_is_skipped(mini, tmp_path):
+    root, gt, ids, boxes = mini
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copy(root / "images" / f"{ids[0]:012d}.jpg", imgs)
+    two = [b for b in boxes if b["image_id"] in ids[:2]]
+    (tmp_path / "b.json").write_text(json.dumps(two))
+    r = run("--boxes", tmp_path / "b.json", "--images", imgs, "--ann", root / "instances.json")
+    assert r.exit_code == 0, r.output
+    n_missing = sum(b["image_id"] == ids[1] for b in two)
+    assert f"image file missing or corrupt: {n_missing}" in r.stderr
+    assert len(json.loads(r.stdout)) == len(two) - n_missing
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("malformed", "malformed JSON at line 1 column"),
+        ("missing_field", "record 1: missing field 'score'"),
+        ("no_images_dir", "no such directory"),
+        ("ann_without_images", "has none of the images"),
+        ("both_inputs", "exactly one of --boxes and --points"),
+        ("resume_stdout", "--resume needs --out FILE"),
+        ("bad_pth", "not a readable torch file"),
+        ("detector_needs_category", "missing field 'category_id'"),
+    ],
+)
+def test_bad_inputs(case, message, mini, tmp_path):
+    root, gt, ids, boxes = mini
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(boxes[:2]))
+    args = {
+        "malformed": ["--boxes", "-"],
+        "missing_field": ["--boxes", "-"],
+        "no_images_dir": ["--boxes", good],
+        "ann_without_images": ["--boxes", "-"],
+        "both_inputs": ["--boxes", good, "--points", good],
+        "resume_stdout": ["--boxes", good, "--resume"],
+        "bad_pth": ["--boxes", tmp_path / "x.pth"],
+        "detector_needs_category": ["--boxes", "-", "--label-source", "detector"],
+    }[case]
+    stdin = {
+        "malformed": '[{"image_id": 1,, }]',
+        "missing_field": json.dumps([boxes[0], {"image_id": 1, "bbox": [1, 1, 2, 2]}]),
+        "ann_without_images": json.dumps([{**boxes[0], "image_id": 123456789}]),
+        "detector_needs_category": json.dumps([{k: v for k, v in boxes[0].items() if k != "category_id"}]),
+    }.get(case)
+    (tmp_path / "x.pth").write_bytes(b"garbage")
+    images = tmp_path / "nope" if case == "no_images_dir" else root / "images"
+    r = run(*args, "--images", images, "--ann", root / "instances.json", input=stdin)
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr
+    assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
+    assert r.stdout == ""
