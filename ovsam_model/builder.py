@@ -113,13 +113,14 @@ def build_predictor(
 
     if spec.kind == "ovsam":
         model, payloads = _build_ovsam(spec, paths, clip_arg, clip_cache_dir(cache_dir))
+        model.to(device)  # before the text tower encodes the vocabulary
         if vocab is None and "text_embeddings" in payloads:
             vocabulary.embeddings = payloads["text_embeddings"].float()
         encoder = model.trunk
     else:
         sam = _build_sam(spec, paths)
         encoder = ClipTrunk(spec.config.clip, pretrained=clip_arg, cache_dir=str(clip_cache_dir(cache_dir)),
-                            quick_gelu=spec.clip_quick_gelu and clip_arg is not None)
+                            quick_gelu=spec.clip_quick_gelu and clip_arg is not None).to(device)
     class_embeds = text_embeddings(vocabulary, encoder, cache_dir=cache)
     hashes = {c: sha256_of(p) for c, p in paths.items()} if not random_weights else {}
     if spec.kind == "ovsam":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,13 +59,13 @@ class OVSAMPredictor:
         self.topk = topk
         self.mask_postprocess = mask_postprocess
         self.weights_sha256 = dict(weights_sha256 or {})
+        # A plain function (picklable without the model) so DataLoader workers can run it.
+        self.prepare: Callable[[np.ndarray], PreparedImage] = partial(prepare_image, size=model.cfg.image_size)
 
     @property
     def cfg(self):
         return self.model.cfg
 
-    def prepare(self, image: np.ndarray) -> PreparedImage:
-        return prepare_image(image, self.cfg.image_size)
 
     def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts]) -> list[Prediction]:
         return self.predict_prepared([self.prepare(im) for im in images], prompts)

@@ -10,7 +10,7 @@ Both sit behind the same `Predictor` interface as OVSAM.
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -81,13 +81,14 @@ class SAMClipBaseline:
         self.weights_sha256: dict[str, str] = {}
         self._sam_mean = sam.pixel_mean.flatten().tolist()
         self._sam_std = sam.pixel_std.flatten().tolist()
+        # A plain function (picklable without the models) so DataLoader workers can run it.
+        self.prepare: Callable[[np.ndarray], PreparedImage] = partial(
+            prepare_image, size=self.image_size, mean=tuple(self._sam_mean), std=tuple(self._sam_std))
 
     @property
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
 
-    def prepare(self, image: np.ndarray) -> PreparedImage:
-        return prepare_image(image, self.image_size, tuple(self._sam_mean), tuple(self._sam_std))
 
     def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts]) -> list[Prediction]:
         return self.predict_prepared([self.prepare(im) for im in images], prompts)
