@@ -27,7 +27,7 @@ def cached_model(monkeypatch):
     """Build each (model, vocab, topk) once through the real builder: the suite stays fast."""
 
     def load(job, device):
-        key = (job.model, job.vocab, job.topk)
+        key = (job.model, job.vocab, job.topk) if device == "cpu" else (job.model, job.vocab, job.topk, device, job.amp)
         if key not in _cache:
             _cache[key] = _real_load(job, device)
         return _cache[key]
@@ -37,8 +37,8 @@ def cached_model(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def run(*args, input=None):
-    return CliRunner().invoke(app, ["label", "--model", "tiny", "--device", "cpu", "--workers", "0", *map(str, args)], input=input)
+def run(*args, input=None, device="cpu"):
+    return CliRunner().invoke(app, ["label", "--model", "tiny", "--device", device, "--workers", "0", *map(str, args)], input=input)
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +273,28 @@ def test_bad_inputs(case, message, mini, tmp_path):
     assert message in r.stderr
     assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
     assert r.stdout == ""
+
+
+@pytest.mark.gpu
+def test_cuda_end_to_end_bf16_matches_fp32(mini, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    root, gt, ids, boxes = mini
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    outs = {}
+    for name, extra in (("bf16", []), ("fp32", ["--no-amp"])):
+        out = tmp_path / f"{name}.json"
+        r = run("--boxes", tmp_path / "boxes.json", "--images", root / "images", "--ann", root / "instances.json",
+                "--out", out, "--workers", 2, "-q", *extra, device="cuda")
+        assert r.exit_code == 0, r.output
+        outs[name] = json.loads(out.read_text())
+        assert len(outs[name]) == len(boxes)
+    _check_loadable(outs["bf16"], gt, tmp_path)
+    ious = []
+    for a, b in zip(outs["bf16"], outs["fp32"]):
+        ra, rb = a["segmentation"], b["segmentation"]
+        if mask_utils.area(ra) == 0 and mask_utils.area(rb) == 0:
+            ious.append(1.0)
+        else:
+            ious.append(float(mask_utils.iou([ra], [rb], [0])[0][0]))
+    assert sum(ious) / len(ious) >= 0.98
