@@ -40,6 +40,8 @@ def user_errors(code: int = 2) -> Iterator[None]:
         fail(str(e), code)
     except FileNotFoundError as e:
         fail(f"file not found: {e.filename or e}", code)
+    except OSError as e:  # permissions, full disk: the user's to fix, not a traceback
+        fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), code)
     except typer.BadParameter as e:
         fail(e.format_message(), code)
 

@@ -24,7 +24,7 @@ from ovsam_cli.common import (
     user_errors,
 )
 from ovsam_model import weights as W
-from ovsam_model.checkpoint import CheckpointError, load_weight_file
+from ovsam_model.checkpoint import CheckpointError, load_weight_file, state_mismatch
 from ovsam_model.registry import MODEL_REGISTRY, SAM_CHECKPOINTS, ModelSpec, WeightFile, get_spec, with_sam_variant
 
 app = typer.Typer(no_args_is_help=True, help="List, download and verify model weights.")
@@ -168,11 +168,17 @@ def _verify_clip(spec: ModelSpec, model: nn.Module, path: Path) -> None:
     clip = getattr(trunk, "clip", None)
     if clip is None:
         clip = open_clip.create_model(spec.clip_model, pretrained=None, force_quick_gelu=spec.clip_quick_gelu)
+    where = f"{path.name} (component clip → trunk.clip)"
     try:
         open_clip.load_checkpoint(clip, str(path), strict=True)
     except Exception as e:  # open_clip raises RuntimeError/KeyError/pickle errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path.name} (component clip → trunk.clip): {first}") from e
+        try:  # name the first bad key rather than torch's multi-line summary
+            problem = state_mismatch(clip, open_clip.factory.load_state_dict(str(path)))
+        except Exception:
+            problem = None
+        if problem is None:
+            problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where}: {problem}") from e
 
 
 @app.command()

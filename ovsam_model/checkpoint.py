@@ -73,14 +73,15 @@ def _fmt_shape(shape) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
-def _load_into(module: nn.Module, prefix: str, selected: StateDict, where: str) -> None:
-    """Strict load of `selected` (official keys minus `prefix`) into `module`."""
+def state_mismatch(module: nn.Module, selected: Mapping[str, torch.Tensor], prefix: str = "") -> str | None:
+    """The first problem of loading `selected` (official keys minus `prefix`) strictly into
+    `module` — unexpected / missing keys, else a shape — in official naming; None if it fits."""
     to_local = getattr(module, "official_key_map", None) or (lambda k: k)
     to_official = getattr(module, "local_key_map", None) or (lambda k: k)
-    mapped = {to_local(k): v for k, v in selected.items()}
     expected = module.state_dict()
+    given = {to_local(k) for k in selected}
     unexpected = [k for k in selected if to_local(k) not in expected]
-    missing = [k for k in expected if k not in mapped]
+    missing = [k for k in expected if k not in given]
     problems = []
     if unexpected:
         more = f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
@@ -89,14 +90,22 @@ def _load_into(module: nn.Module, prefix: str, selected: StateDict, where: str) 
         more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
         problems.append(f"missing key {prefix}{to_official(missing[0])}{more}")
     if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems))
+        return "; ".join(problems)
     for key, value in selected.items():
         want = expected[to_local(key)].shape
         if value.shape != want:
-            raise CheckpointError(f"{where}: key {prefix}{key} has shape {_fmt_shape(value.shape)}, "
-                                  f"expected {_fmt_shape(want)}")
+            return f"key {prefix}{key} has shape {_fmt_shape(value.shape)}, expected {_fmt_shape(want)}"
+    return None
+
+
+def _load_into(module: nn.Module, prefix: str, selected: StateDict, where: str) -> None:
+    """Strict load of `selected` (official keys minus `prefix`) into `module`."""
+    problem = state_mismatch(module, selected, prefix)
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
+    to_local = getattr(module, "official_key_map", None) or (lambda k: k)
     try:
-        module.load_state_dict(mapped, strict=True)
+        module.load_state_dict({to_local(k): v for k, v in selected.items()}, strict=True)
     except RuntimeError as e:  # dtype that cannot be copied, etc.
         raise CheckpointError(f"{where}: {str(e).splitlines()[0]}") from e
 

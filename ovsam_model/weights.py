@@ -157,7 +157,7 @@ def _fetch_plain(wf: WeightFile, cache: Path, *, offline: bool, model: Optional[
     if target.is_file():
         problem = cached_problem(wf, target)
         if problem is None:
-            if recorded_sha256(target) is None:  # copied in by hand: record it from now on
+            if _expected_sha256(wf, target) is None:  # copied in by hand: record it from now on
                 _atomic_write_text(_sidecar(target), f"{sha256_of(target)}  {target.name}\n")
             return target
         if offline:
@@ -270,7 +270,9 @@ def is_cached(wf: WeightFile, cache_dir: str | Path | None = None) -> Optional[b
     path = resolve_cache_dir(cache_dir) / wf.cache_name
     if not path.is_file():
         return False
-    return cached_problem(wf, path, check_hash=False) is None or None
+    if cached_problem(wf, path, check_hash=False) is not None:
+        return None
+    return True
 
 
 # --- CLIP trunk weights (open_clip's own cache) ----------------------------------------------

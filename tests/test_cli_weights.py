@@ -198,3 +198,43 @@ def test_verbosity_maps_to_logging():
         res = runner.invoke(app, [*flags, "weights", "list", "--format", "tsv", "--model", "tiny"])
         assert res.exit_code == 0, res.output
         assert logging.getLogger().level == level
+
+
+def test_verify_baseline_sam_vit_b(keys_dir, tmp_path):
+    """A whole SAM checkpoint (prefix "" → `sam`) against segment_anything's ViT-B."""
+    write_synthetic_checkpoint(keys_dir / "ref_sam_vit_b.json", tmp_path / "sam_vit_b_01ec64.pth")
+    res = runner.invoke(app, ["weights", "verify", "--model", "baseline-feature-crop", "--sam-variant", "vit_b",
+                              "--weights-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.split()[:3] == ["ok", "sam", "sam_vit_b_01ec64.pth"]
+    res = runner.invoke(app, ["weights", "verify", "--model", "baseline-feature-crop", "--sam-variant", "vit_l",
+                              "--weights-dir", str(tmp_path)])
+    assert res.exit_code == 1 and "no weight file" in res.stderr
+
+
+def test_verify_clip_weights(monkeypatch, tmp_path):
+    """--clip-weights is loaded strictly into the model's open_clip trunk (here a tiny CLIP)."""
+    import open_clip
+    from torch import nn
+
+    from ovsam_model.config import TINY_CLIP
+
+    def tiny_model(spec):
+        model = nn.Module()
+        model.trunk = nn.Module()
+        model.trunk.clip = open_clip.CLIP(**TINY_CLIP)
+        return model
+
+    monkeypatch.setattr(cli_weights, "_build_random_model", tiny_model)
+    good = tmp_path / "clip.bin"
+    state = open_clip.CLIP(**TINY_CLIP).state_dict()
+    torch.save(state, good)
+    args = ["weights", "verify", "--model", "ovsam-rn50x16-coco", "--weights-dir", str(tmp_path)]
+    res = runner.invoke(app, [*args, "--clip-weights", str(good)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-1].split() == ["ok", "clip", "clip.bin"]
+
+    state["visual.attnpool.c_proj.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "bad.bin")
+    res = runner.invoke(app, [*args, "--clip-weights", str(tmp_path / "bad.bin")])
+    assert res.exit_code == 1 and "visual.attnpool.c_proj.weight" in res.stdout
