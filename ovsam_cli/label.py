@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ovsam_cli.common import CacheDirOpt, CheckpointOpt, ClipWeightsOpt, OfflineOpt, offline_flag
 from ovsam_model.io.datasets import ImageSource, load_image_source
 from ovsam_model.io.detections import (
     InputError,
@@ -427,12 +428,10 @@ def label(
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding and resizing images.")] = 2,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Alternative labels kept per mask (field 'topk').")] = 5,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr.")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Weights cache folder (default: OVSAM_CACHE_DIR or the user cache).")] = None,
-    offline: Annotated[Optional[bool], typer.Option("--offline/--online", help="Never download (default: OVSAM_OFFLINE).")] = None,
-    checkpoint: Annotated[
-        Optional[list[str]], typer.Option("--checkpoint", help="Use a local weight file: COMPONENT=PATH (repeatable).")
-    ] = None,
-    clip_weights: Annotated[Optional[Path], typer.Option("--clip-weights", help="Local open_clip weights file.")] = None,
+    cache_dir: CacheDirOpt = None,
+    offline: OfflineOpt = False,
+    checkpoint: CheckpointOpt = None,
+    clip_weights: ClipWeightsOpt = None,
 ) -> None:
     """Masks and open-vocabulary labels for detector boxes (or clicks), written as COCO JSON.
 
@@ -474,7 +473,7 @@ def label(
             quiet=quiet,
             topk=topk,
             cache_dir=cache_dir,
-            offline=offline,
+            offline=offline_flag(offline),
             overrides=_parse_overrides(checkpoint or []),
             clip_weights=clip_weights,
         )
