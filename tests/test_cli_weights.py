@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_checkpoint_option_parsing():
     from ovsam_cli.common import parse_checkpoints
 
     assert parse_checkpoints(["clip2sam=/x/y.pth", " sam2clip = a.pth"], ["clip2sam", "sam2clip"]) == \
-        {"clip2sam": __import__("pathlib").Path("/x/y.pth"), "sam2clip": __import__("pathlib").Path("a.pth")}
+        {"clip2sam": Path("/x/y.pth"), "sam2clip": Path("a.pth")}
     for bad, match in ((["clip2sam"], "COMPONENT=PATH"), (["=a"], "COMPONENT=PATH"),
                        (["head=a"], "unknown component 'head'"), (["clip2sam=a", "clip2sam=b"], "twice")):
         with pytest.raises(typer.BadParameter, match=match):
