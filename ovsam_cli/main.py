@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Annotated, Optional
 
 import typer
 from rich.logging import RichHandler
 
 from ovsam_cli.common import err_console
+from ovsam_cli.eval import eval_command
+from ovsam_cli.label import label
 from ovsam_cli.weights import app as weights_app
 
 app = typer.Typer(
@@ -42,8 +45,36 @@ def main(
 
 
 # --- sub-commands: register new ones here ----------------------------------------------------
+app.command("label", no_args_is_help=True)(label)
+app.command("eval", no_args_is_help=True)(eval_command)
 app.add_typer(weights_app, name="weights")
 
 
+def _is_click_error(exc: BaseException) -> bool:
+    """Click's usage/parameter errors (Typer may vendor its own click, so match by shape)."""
+    return hasattr(exc, "format_message") and hasattr(exc, "exit_code") and hasattr(exc, "show")
+
+
+def run() -> None:
+    """Console entry point: like `app()`, but a usage mistake is one line on stderr, not a panel."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # noqa: BLE001 - only click's own errors are handled here
+        if not _is_click_error(e):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help was already printed
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err_console.print(f"error: {e.format_message()}{hint}", style="red", markup=False, highlight=False,
+                          soft_wrap=True)
+        sys.exit(e.exit_code)
+    except BaseException as e:
+        if type(e).__name__ == "Abort":
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    run()

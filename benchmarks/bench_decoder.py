@@ -1,0 +1,95 @@
+"""Decoder + mask post-processing for N boxes on one image: ours vs segment-anything's path.
+
+Both use the same weights and the same full-size (256-d) decoder. Ours: chunks of --chunk
+prompts, the image embedding broadcast (not repeated), one mask token, one interpolation from
+the 256² logits to the original size, bool masks. Baseline: `MaskDecoder.forward` (which
+repeat_interleaves the embedding per prompt and predicts 4 masks), then `Sam.postprocess_masks`
+(1024² then the original size) for all N at once, as SamPredictor.predict_torch does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+from ovsam_model.modeling.decoder import OVSAMHead
+from ovsam_model.transforms import masks_to_original_exact, masks_to_original_fast
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--boxes", type=int, default=300)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                           mask_in_chans=16).to(device).eval()
+    sam_dec = MaskDecoder(transformer_dim=256, num_multimask_outputs=3,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    sam_dec = sam_dec.to(device).eval()
+    head = OVSAMHead().to(device).eval()
+    emb = torch.randn(1, 256, 64, 64, device=device)
+    pe = prompt.get_dense_pe()
+    xy = torch.rand(args.boxes, 2, device=device) * 800
+    boxes = torch.cat([xy, xy + 32 + torch.rand(args.boxes, 2, device=device) * 200], dim=1)
+    original = (args.height, args.width)
+    input_size = (int(args.height * 1024 / max(original) + 0.5), int(args.width * 1024 / max(original) + 0.5))
+
+    @torch.inference_mode()
+    def ours() -> int:
+        kept = 0
+        for s in range(0, args.boxes, args.chunk):
+            sparse, dense = prompt(points=None, boxes=boxes[s : s + args.chunk], masks=None)
+            low, _ = head.decode(emb, pe, sparse, dense)
+            kept += int((masks_to_original_fast(low, input_size, original)[:, 0] > 0).sum() > 0)
+        return kept
+
+    @torch.inference_mode()
+    def baseline() -> int:
+        sparse, dense = prompt(points=None, boxes=boxes, masks=None)
+        low, _ = sam_dec(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+                         dense_prompt_embeddings=dense, multimask_output=False)
+        return int((masks_to_original_exact(low, input_size, original) > 0).sum() > 0)
+
+    results = {}
+    for name, fn in (("segment-anything", baseline), ("ovsam", ours)):
+        fn()  # warm-up
+        _sync(device)
+        _peak_reset(device)
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            fn()
+        _sync(device)
+        results[name] = {"s_per_image": (time.perf_counter() - t0) / args.repeats, "peak_mib": _peak(device)}
+        print(json.dumps({"variant": name, "device": str(device), "boxes": args.boxes, **results[name]}))
+    a, b = results["segment-anything"], results["ovsam"]
+    print(json.dumps({"speedup": a["s_per_image"] / b["s_per_image"],
+                      "memory_ratio": a["peak_mib"] / b["peak_mib"] if device.type == "cuda" else None}))
+
+
+if __name__ == "__main__":
+    main()
