@@ -18,7 +18,8 @@ class Prompts:
     """The prompts of one image.
 
     boxes: [N, 4] XYXY in original pixels, or None.
-    points: [N, P, 2] XY in original pixels, or None.
+    points: [N, P, 2] XY in original pixels, or None: pixel indices, SAM's click convention
+        (its prompt encoder adds the +0.5 to the pixel centre, to box corners too).
     point_labels: [N, P], 1 = positive click, 0 = negative click (required with points).
     With both boxes and points, prompt i uses box i and points i together.
     """

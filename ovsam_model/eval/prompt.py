@@ -3,7 +3,7 @@
 - Instances: every non-crowd annotation whose mask (pycocotools `annToMask`, original resolution)
   is non-empty; crowd annotations and empty masks are skipped and counted.
 - Prompts, in original pixels (the `Prompts` frame): the GT box (COCO XYWH → XYXY), or one
-  positive point at the mask pixel farthest from the mask border (`centre_point`).
+  positive click on the mask pixel farthest from the mask border (`centre_point`, pixel index).
 - IoU: exact, |pred ∧ gt| / |pred ∨ gt| on boolean masks at the original image size.
 - Accuracy: `predictor.category_ids[label] == category_id` of the instance.
 - Base / novel: COCO 48 / 17 (instances of the 15 other COCO classes count toward the overall
@@ -37,20 +37,20 @@ Dataset = Literal["coco", "lvis"]
 
 
 def centre_point(mask: np.ndarray) -> tuple[float, float]:
-    """(x, y) of the mask pixel farthest from the mask border, at that pixel's centre.
+    """(x, y) = (column, row) of the mask pixel farthest from the mask border.
 
     mask: [H, W] bool/uint8, non-empty. The distance is the exact Euclidean distance
     (DIST_L2 + DIST_MASK_PRECISE) to the nearest pixel outside the mask, with the image border
     counting as outside (the mask is padded with one pixel of zeros). Ties go to the first
-    maximum in row-major order. Pixel (row r, col c) covers [c, c+1) × [r, r+1) in the COCO
-    continuous frame, so its centre is (c + 0.5, r + 0.5).
+    maximum in row-major order. The point is the pixel's index, SAM's click convention: SAM's
+    prompt encoder adds the +0.5 that moves it to the pixel centre.
     """
     padded = np.pad(np.asarray(mask).astype(np.uint8), 1)
     dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     if dist.max() <= 0:
         raise ValueError("centre_point needs a non-empty mask")
     row, col = divmod(int(np.argmax(dist)), mask.shape[1])
-    return col + 0.5, row + 0.5
+    return float(col), float(row)
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
