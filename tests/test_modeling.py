@@ -119,3 +119,19 @@ def test_convnext_trunk_gives_four_strided_levels():
     assert [f.shape[-1] for f in feats] == [32, 16, 8, 4]
     region = trunk.region_embed(feats[3], torch.tensor([[0.0, 0, 0, 64, 64]]), 4)
     assert region.shape == (1, 32)
+
+
+def test_clip_region_head_on_the_whole_image_equals_clip_image_encoding():
+    """At CLIP's own input size (12×12 C5 grid) a whole-image 12×12 RoI samples every C5 cell at
+    its centre, so the region branch must reproduce open_clip's image embedding exactly."""
+    from ovsam_model.config import TINY
+
+    torch.manual_seed(0)
+    trunk = ClipTrunk(TINY.clip)
+    x = torch.randn(2, 3, 384, 384)
+    with torch.no_grad():
+        c5 = trunk(x)[3]
+        rois = torch.tensor([[0.0, 0, 0, 384, 384], [1.0, 0, 0, 384, 384]])
+        ours = trunk.region_embed(c5, rois, 12)
+        ref = trunk.clip.encode_image(x)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
