@@ -1,11 +1,15 @@
-"""Shared CLI pieces: the stderr console, one-line failures, reusable weight options."""
+"""Shared CLI pieces: the stderr console, one-line failures, device choice, reusable options.
+
+Every command uses these, so that an option means the same thing and a mistake reads the same
+way in `label`, `eval` and `weights`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -13,6 +17,15 @@ from rich.console import Console
 # Humans read stderr; stdout is for machine output (tables, paths, JSON).
 err_console = Console(stderr=True)
 out_console = Console()
+
+
+class CliError(Exception):
+    """An expected failure found by the CLI itself (a mistake in what it was given, or a run that
+    cannot go on); `user_errors` prints it as one line and exits with `code`."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -27,23 +40,35 @@ def info(message: str, quiet: bool = False) -> None:
         err_console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @contextlib.contextmanager
-def user_errors(code: int = 2) -> Iterator[None]:
-    """Turn the library's expected failures into one-line `fail` messages, not tracebacks."""
+def user_errors(code: int = 2, also: tuple[type[BaseException], ...] = (), prefix: str = "") -> Iterator[None]:
+    """Turn expected failures into one-line `fail` messages, not tracebacks: `CliError`, the
+    library's input/weights/model errors, missing or unreadable files, bad option values, and the
+    exception types in `also` (e.g. ValueError from the evaluators). `prefix` starts the message
+    (e.g. which process failed)."""
     from ovsam_model.checkpoint import CheckpointError
+    from ovsam_model.io.detections import InputError
     from ovsam_model.registry import UnknownModelError
     from ovsam_model.weights import WeightsError
 
     try:
         yield
-    except (WeightsError, CheckpointError, UnknownModelError) as e:
-        fail(str(e), code)
+    except CliError as e:
+        fail(prefix + first_line(e), e.code)
+    except (WeightsError, CheckpointError, UnknownModelError, InputError, *also) as e:
+        fail(prefix + first_line(e), code)
     except FileNotFoundError as e:
-        fail(f"file not found: {e.filename or e}", code)
+        fail(prefix + (f"file not found: {e.filename}" if e.filename else first_line(e)), code)
     except OSError as e:  # permissions, full disk: the user's to fix, not a traceback
-        fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), code)
+        fail(prefix + (f"{e.strerror or e}: {e.filename}" if e.filename else first_line(e)), code)
     except typer.BadParameter as e:
-        fail(e.format_message(), code)
+        fail(prefix + e.format_message(), code)
 
 
 def parse_checkpoints(values: Optional[Sequence[str]], components: Optional[Iterable[str]] = None) -> dict[str, Path]:
@@ -65,6 +90,54 @@ def parse_checkpoints(values: Optional[Sequence[str]], components: Optional[Iter
     return out
 
 
+def offline_flag(offline: bool) -> Optional[bool]:
+    """--offline given → True; not given → None (the library then reads the environment)."""
+    return True if offline else None
+
+
+def weight_options(
+    cache_dir: Optional[Path],
+    offline: bool,
+    checkpoint: Optional[Sequence[str]],
+    clip_weights: Optional[Path],
+    components: Optional[Iterable[str]] = None,
+) -> dict[str, Any]:
+    """The shared weights options (`CacheDirOpt` ... `ClipWeightsOpt`) as keyword arguments of
+    `ovsam_model.builder.build_predictor`; `components` checks the --checkpoint names."""
+    return {
+        "cache_dir": cache_dir,
+        "offline": offline_flag(offline),
+        "overrides": parse_checkpoints(checkpoint, components) or None,
+        "clip_weights": clip_weights,
+    }
+
+
+def resolve_device(device: str, local_rank: Optional[int] = None, option: str = "--device") -> str:
+    """A --device value → a torch device string; `typer.BadParameter` (naming `option`) when torch
+    cannot use it here.
+
+    "auto": cuda when available, else cpu. With `local_rank` (torchrun), a bare "cuda" means this
+    process's GPU, cuda:LOCAL_RANK.
+    """
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"{device!r}: expected auto, cpu, cuda or cuda:N", param_hint=option) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise typer.BadParameter(f"{device!r}: no CUDA device here (use cpu or auto)", param_hint=option)
+        if parsed.index is not None and parsed.index >= count:
+            raise typer.BadParameter(f"{device!r}: this machine has {count} CUDA device(s)", param_hint=option)
+        if parsed.index is None and local_rank is not None:
+            return f"cuda:{local_rank}"
+    return device
+
+
 # --- reusable options -------------------------------------------------------------------------
 
 CacheDirOpt = Annotated[
@@ -80,18 +153,20 @@ OfflineOpt = Annotated[
 CheckpointOpt = Annotated[
     Optional[list[str]],
     typer.Option("--checkpoint", metavar="COMPONENT=PATH",
-                 help="Use a local weight file for one component, e.g. clip2sam=./clip2sam_coco_rn50x16.pth "
-                      "(repeatable; see `ovsam weights list`)."),
+                 help="Use a local weight file for one component, e.g. clip2sam=./clip2sam.pth "
+                      "(repeatable; components: `ovsam weights list`)."),
 ]
 ClipWeightsOpt = Annotated[
     Optional[Path],
     typer.Option("--clip-weights", metavar="FILE", dir_okay=False,
                  help="Local open_clip weights for the CLIP trunk instead of open_clip's cache."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, ...")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status lines on stderr.")]
-
-
-def offline_flag(offline: bool) -> Optional[bool]:
-    """--offline given → True; not given → None (the library then reads the environment)."""
-    return True if offline else None
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help="Torch device: auto (cuda when available, else cpu), cpu, cuda or cuda:N."),
+]
+VocabOpt = Annotated[
+    Optional[str],
+    typer.Option("--vocab", help="Class vocabulary: coco, lvis, ..., or a names file; default: the model's own."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, warnings or summaries on stderr (errors still show).")]

@@ -11,17 +11,32 @@ Register with `app.command("eval")(eval_command)`.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ovsam_cli.common import (
+    CacheDirOpt,
+    CheckpointOpt,
+    CliError,
+    ClipWeightsOpt,
+    DeviceOpt,
+    OfflineOpt,
+    QuietOpt,
+    VocabOpt,
+    err_console,
+    fail,
+    info,
+    out_console,
+    resolve_device,
+    user_errors,
+    weight_options,
+)
 from ovsam_model import __version__
 from ovsam_model.eval.report import (
     DetectorResult,
@@ -30,8 +45,7 @@ from ovsam_model.eval.report import (
     prompt_table,
     write_json_atomic,
 )
-
-console = Console(stderr=True)
+from ovsam_model.weights import sha256_of
 
 
 class Protocol(str, Enum):
@@ -59,41 +73,6 @@ class PromptName(str, Enum):
     point = "point"
 
 
-class _Abort(Exception):
-    """A user mistake: one line on stderr and exit code 2."""
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _parse_checkpoints(values: Optional[list[str]]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for v in values or []:
-        component, sep, path = v.partition("=")
-        if not sep or not component or not path:
-            raise _Abort(f"--checkpoint wants COMPONENT=PATH, got {v!r}")
-        out[component.strip()] = path.strip()
-    return out
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _render(header: list[str], rows: list[list[str]], title: str, notes: list[str], to_stdout: bool) -> None:
     """The results table, then its notes (what the numbers cover) one per line."""
     table = Table(title=title)
@@ -101,7 +80,7 @@ def _render(header: list[str], rows: list[list[str]], title: str, notes: list[st
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    out = Console() if to_stdout else console
+    out = out_console if to_stdout else err_console
     out.print(table)
     for note in notes:
         out.print(f"[dim]- {escape(note)}[/dim]", soft_wrap=True)
@@ -111,13 +90,13 @@ def _run_detector(ann: Path, pred: Optional[Path], dataset: str, split: str, iou
     from ovsam_model.eval.detector import evaluate_detections
 
     if pred is None:
-        raise _Abort("the detector protocol needs --pred (a COCO results JSON, e.g. `ovsam label` output)")
+        raise CliError("the detector protocol needs --pred (a COCO results JSON, e.g. `ovsam label` output)")
     result = evaluate_detections(ann, pred, dataset=dataset, iou_type=iou_type, split=split)  # type: ignore[arg-type]
     report = {
         "ovsam_version": __version__,
         "protocol": "detector",
         "settings": {"dataset": dataset, "split": split, "iou_type": iou_type, "ann": str(ann),
-                     "ann_sha256": _sha256(ann), "pred": str(pred), "pred_sha256": _sha256(pred)},
+                     "ann_sha256": sha256_of(ann), "pred": str(pred), "pred_sha256": sha256_of(pred)},
         "result": result.to_json(),
     }
     return result, report
@@ -132,14 +111,13 @@ def _run_prompt(
     from ovsam_model.eval.prompt import evaluate_prompts
 
     if images is None or not models:
-        raise _Abort("the prompt protocol needs --images DIR and --model NAME[,NAME...]")
+        raise CliError("the prompt protocol needs --images DIR and --model NAME[,NAME...]")
     if not images.is_dir():
-        raise _Abort(f"images folder not found: {images}")
+        raise CliError(f"images folder not found: {images}")
     gt = load_ground_truth(ann)  # read once, shared by all models
     results, entries = [], []
     for name in models:
-        if progress:
-            console.print(f"building [bold]{escape(name)}[/bold] on {escape(device)}")
+        info(f"building {name} on {device}", quiet=not progress)
         predictor = build_predictor(name, vocab=vocab, device=device, progress=progress, **build_kwargs)
         result = evaluate_prompts(predictor, gt, images, prompt=prompt, dataset=dataset,  # type: ignore[arg-type]
                                   batch_size=batch_size, max_images=max_images, progress=progress,
@@ -152,7 +130,7 @@ def _run_prompt(
     report = {
         "ovsam_version": __version__,
         "protocol": "prompt",
-        "settings": {"dataset": dataset, "prompt": prompt, "ann": str(ann), "ann_sha256": _sha256(ann),
+        "settings": {"dataset": dataset, "prompt": prompt, "ann": str(ann), "ann_sha256": sha256_of(ann),
                      "images": str(images), "vocab": vocab, "batch_size": batch_size, "max_images": max_images,
                      "device": device, "random_weights": bool(build_kwargs.get("random_weights"))},
         "models": entries,
@@ -170,50 +148,56 @@ def eval_command(
     prompt: Annotated[PromptName, typer.Option(help="Prompt protocol: GT box or centre point per instance.")] = PromptName.box,
     images: Annotated[Optional[Path], typer.Option(help="Prompt protocol: folder of the GT images.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Prompt protocol: model name(s), comma-separated, evaluated side by side.")] = None,
-    vocab: Annotated[Optional[str], typer.Option(help="Vocabulary (coco, lvis, a names file...); default: the model's own.")] = None,
+    vocab: VocabOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompt protocol: images per model call.")] = 1,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Prompt protocol: evaluate only the first N images (sorted by id).")] = None,
-    device: Annotated[str, typer.Option(help="Torch device for the prompt protocol ('auto': cuda when available).")] = "auto",
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Weights cache folder.")] = None,
-    offline: Annotated[bool, typer.Option("--offline", help="Never download weights; use the cache or --checkpoint files.")] = False,
-    checkpoint: Annotated[Optional[list[str]], typer.Option("--checkpoint", help="COMPONENT=PATH weight file override (repeatable).")] = None,
-    clip_weights: Annotated[Optional[Path], typer.Option("--clip-weights", help="Local open_clip weights file.")] = None,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheDirOpt = None,
+    offline: OfflineOpt = False,
+    checkpoint: CheckpointOpt = None,
+    clip_weights: ClipWeightsOpt = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights (smoke tests; numbers are meaningless).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write every number and the settings as JSON to FILE, or '-' for stdout.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate with the paper's protocols: detector AP (Tab. 2-4) or prompt mIoU / accuracy (Tab. 1)."""
-    from ovsam_model.checkpoint import CheckpointError
+    """Evaluate with the paper's protocols: detector AP (Tab. 2-4) or prompt mIoU and accuracy (Tab. 1).
+
+    Detector protocol: the AP of a COCO results file (--pred, e.g. `ovsam label` output) against --ann, with COCOeval or LVISEval.
+
+    Prompt protocol: each model in --model gets one GT box or centre point per instance of --ann; reports mask IoU and top-1 label accuracy, base and novel classes apart.
+
+    The table goes to stdout (to stderr with --json -); --json writes every number and the settings.
+    """
     from ovsam_model.registry import UnknownModelError
-    from ovsam_model.weights import WeightsError
 
     logging.getLogger("lvis").setLevel(logging.ERROR)  # lvis warns on every list input
     table_on_stdout = json_out != "-"
-    try:
+    with user_errors(also=(ValueError,)):
         if not ann.is_file():
-            raise _Abort(f"ground-truth file not found: {ann}")
-        if protocol is Protocol.detector:
-            if pred is not None and not pred.is_file():
-                raise _Abort(f"prediction file not found: {pred}")
-            det, report = _run_detector(ann, pred, dataset.value, split.value, iou_type.value)
-            header, rows = detector_table(det)
-            title = f"{dataset.value} {iou_type.value} AP (split {split.value})"
-            notes = det.notes
-        else:
-            names = [m.strip() for m in (model or "").split(",") if m.strip()]
-            build_kwargs = {"random_weights": random_weights, "cache_dir": cache_dir, "offline": offline or None,
-                            "overrides": _parse_checkpoints(checkpoint) or None, "clip_weights": clip_weights}
-            results, report = _run_prompt(ann, images, names, dataset.value, prompt.value, vocab=vocab,
-                                          batch_size=batch_size, max_images=max_images,
-                                          device=_resolve_device(device), build_kwargs=build_kwargs,
-                                          progress=not quiet)
-            header, rows = prompt_table(results)
-            title = f"{dataset.value} {prompt.value}-prompt protocol (%)"
-            notes = results[0].notes if results else []
-    except (_Abort, ValueError, OSError, WeightsError, CheckpointError, UnknownModelError) as e:
-        _fail(str(e))
-    except KeyError as e:  # a record without a field the evaluators need
-        _fail(f"malformed input: missing field {e}")
+            raise CliError(f"ground-truth file not found: {ann}")
+        try:
+            if protocol is Protocol.detector:
+                if pred is not None and not pred.is_file():
+                    raise CliError(f"prediction file not found: {pred}")
+                det, report = _run_detector(ann, pred, dataset.value, split.value, iou_type.value)
+                header, rows = detector_table(det)
+                title = f"{dataset.value} {iou_type.value} AP (split {split.value})"
+                notes = det.notes
+            else:
+                names = [m.strip() for m in (model or "").split(",") if m.strip()]
+                build_kwargs = {"random_weights": random_weights,
+                                **weight_options(cache_dir, offline, checkpoint, clip_weights)}
+                results, report = _run_prompt(ann, images, names, dataset.value, prompt.value, vocab=vocab,
+                                              batch_size=batch_size, max_images=max_images,
+                                              device=resolve_device(device), build_kwargs=build_kwargs,
+                                              progress=not quiet)
+                header, rows = prompt_table(results)
+                title = f"{dataset.value} {prompt.value}-prompt protocol (%)"
+                notes = results[0].notes if results else []
+        except KeyError as e:  # a record without a field the evaluators need
+            if isinstance(e, UnknownModelError):
+                raise
+            raise CliError(f"malformed input: missing field {e}") from None
 
     if json_out == "-":
         import json
@@ -223,8 +207,7 @@ def eval_command(
         try:
             write_json_atomic(json_out, report)
         except OSError as e:
-            _fail(f"cannot write {json_out}: {e}")
-        if not quiet:
-            console.print(f"wrote {escape(json_out)}")
+            fail(f"cannot write {json_out}: {e}")
+        info(f"wrote {json_out}", quiet)
     if table_on_stdout or not quiet:
         _render(header, rows, title, notes, to_stdout=table_on_stdout)

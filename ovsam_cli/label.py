@@ -19,10 +19,25 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ovsam_cli.common import CacheDirOpt, CheckpointOpt, ClipWeightsOpt, OfflineOpt, offline_flag
+from ovsam_cli.common import (
+    CacheDirOpt,
+    CheckpointOpt,
+    CliError,
+    ClipWeightsOpt,
+    DeviceOpt,
+    OfflineOpt,
+    QuietOpt,
+    VocabOpt,
+    err_console,
+    first_line,
+    info,
+    resolve_device,
+    user_errors,
+    weight_options,
+)
 from ovsam_model.io.datasets import ImageSource, load_image_source
 from ovsam_model.io.detections import (
     InputError,
@@ -48,8 +63,6 @@ from ovsam_model.io.writers import (
 )
 from ovsam_model.types import Predictor
 
-console = Console(stderr=True)
-
 RANK_WAIT_S = float(os.environ.get("OVSAM_RANK_WAIT_S", 24 * 3600))
 
 
@@ -61,14 +74,6 @@ class LabelSource(str, Enum):
 class OutputFormat(str, Enum):
     results = "results"
     dataset = "dataset"
-
-
-class LabelAbort(Exception):
-    """A user-facing failure: one line, exit code."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -95,10 +100,7 @@ class LabelJob:
     workers: int
     quiet: bool
     topk: int
-    cache_dir: Optional[Path] = None
-    offline: Optional[bool] = None
-    overrides: dict[str, Path] = field(default_factory=dict)
-    clip_weights: Optional[Path] = None
+    weights: dict[str, Any] = field(default_factory=dict)  # `common.weight_options`: where the weights come from
 
 
 @dataclass
@@ -113,45 +115,8 @@ def load_predictor(job: LabelJob, device: str) -> Predictor:
     """The model of `job` on `device` (a seam for tests)."""
     from ovsam_model.builder import build_predictor
 
-    return build_predictor(
-        job.model,
-        vocab=job.vocab,
-        device=device,
-        cache_dir=job.cache_dir,
-        offline=job.offline,
-        overrides=job.overrides or None,
-        clip_weights=job.clip_weights,
-        box_chunk=job.box_batch,
-        amp=job.amp,
-        topk=job.topk,
-    )
-
-
-def _model_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = []
-    try:
-        from ovsam_model.weights import WeightsError
-
-        errors.append(WeightsError)
-    except ImportError:
-        pass
-    try:
-        from ovsam_model.checkpoint import CheckpointError
-
-        errors.append(CheckpointError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _resolve_device(device: str, local_rank: int = 0) -> str:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    return device
+    return build_predictor(job.model, vocab=job.vocab, device=device, box_chunk=job.box_batch, amp=job.amp,
+                           topk=job.topk, **job.weights)
 
 
 def _fingerprint(job: LabelJob, prompts: PromptSet) -> str:
@@ -191,7 +156,7 @@ def _progress(show: bool) -> Progress:
         MofNCompleteColumn(),
         TextColumn("images · {task.fields[boxes]} boxes · {task.fields[rate]} images/s"),
         TimeElapsedColumn(),
-        console=console,
+        console=err_console,
         disable=not show,
         transient=False,
     )
@@ -207,8 +172,8 @@ def run_rank(job: LabelJob, rank: int, world: int, device: str) -> tuple[RankSta
     _check_ann_covers(records, source, job.ann)
     try:
         predictor = load_predictor(job, device)
-    except _model_errors() as exc:
-        raise LabelAbort(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except ValueError as exc:  # an unknown vocabulary or model variant
+        raise CliError(first_line(exc)) from None
     mapping = source.category_ids if source.category_ids is not None else list(predictor.category_ids)
     check = source.categories is not None or job.label_source == LabelSource.detector.value
     prompts = select_prompts(
@@ -245,7 +210,7 @@ def run_rank(job: LabelJob, rank: int, world: int, device: str) -> tuple[RankSta
                         n = len(prompts.by_image[item.record.id])
                         stats.skipped[item.reason] += n
                         if not job.quiet:
-                            progress.console.print(f"[yellow]warning:[/] image {item.record.id} ({item.record.path}): {item.error}; {n} prompts skipped")
+                            progress.console.print(f"[yellow]warning:[/] image {item.record.id} ({escape(str(item.record.path))}): {escape(item.error or '')}; {n} prompts skipped")
                 batch_prompts = [prompts.by_image[item.record.id] for item in ok]
                 predictions = predictor.predict_prepared([item.prepared for item in ok], [prompts_for(p) for p in batch_prompts]) if ok else []
                 new = []
@@ -277,7 +242,7 @@ def _wait_for_ranks(out: Path, world: int) -> None:
         path = part_path(out, rank, world)
         while not (path.exists() and world in read_part(path).done_worlds):
             if time.monotonic() > deadline:
-                raise LabelAbort(f"rank {rank} did not finish ({path}); rerun with --resume")
+                raise CliError(f"rank {rank} did not finish ({path}); rerun with --resume")
             time.sleep(1.0)
 
 
@@ -287,7 +252,7 @@ def merge_output(job: LabelJob, fingerprint: str, categories: list[dict], expect
     done = read_done(out, fingerprint)
     missing = [i for i in expected if i not in done]
     if missing:
-        raise LabelAbort(f"part files lack {len(missing)} images (e.g. image_id {missing[0]}); rerun with --resume")
+        raise CliError(f"part files lack {len(missing)} images (e.g. image_id {missing[0]}); rerun with --resume")
     obj = assemble(done.values(), fmt=job.fmt, categories=categories)
     write_json_atomic(out, obj)
     for path in all_part_paths(out):
@@ -297,7 +262,7 @@ def merge_output(job: LabelJob, fingerprint: str, categories: list[dict], expect
 
 def _summary(stats: RankStats, prompts: PromptSet, records: int, elapsed: float, world: int) -> None:
     rate = stats.images / elapsed if elapsed > 0 else 0.0
-    console.print(
+    info(
         f"labeled {stats.images} images, {stats.prompts} prompts → {records} records"
         + (f" ({stats.resumed} images done before --resume)" if stats.resumed else "")
         + (f" on {world} ranks (counts of rank 0)" if world > 1 else "")
@@ -305,9 +270,9 @@ def _summary(stats: RankStats, prompts: PromptSet, records: int, elapsed: float,
     )
     skipped = prompts.skipped + stats.skipped
     if skipped:
-        console.print(f"skipped {sum(skipped.values())} of {prompts.total} records: " + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())))
+        info(f"skipped {sum(skipped.values())} of {prompts.total} records: " + ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items())))
     if prompts.clipped:
-        console.print(f"clipped {prompts.clipped} boxes partly outside their image")
+        info(f"clipped {prompts.clipped} boxes partly outside their image")
 
 
 def _run_and_merge(job: LabelJob, rank: int, world: int, device: str, started: float) -> None:
@@ -330,21 +295,18 @@ def _run_and_merge(job: LabelJob, rank: int, world: int, device: str, started: f
 def _shard_worker(rank: int, job: LabelJob, devices: list[str], started: float) -> None:
     """One spawned process of `--devices`: errors become one line and an exit code."""
     try:
-        _run_and_merge(job, rank, len(devices), devices[rank], started)
-    except (InputError, LabelAbort) as exc:
-        console.print(f"[red]error:[/] rank {rank}: {exc}")
-        sys.exit(getattr(exc, "code", 2))
+        with user_errors(prefix=f"rank {rank}: "):
+            _run_and_merge(job, rank, len(devices), devices[rank], started)
+    except typer.Exit as exc:  # a plain exit code for torch.multiprocessing, not an exception to relay
+        sys.exit(exc.exit_code)
 
 
 def _device_list(devices: str) -> list[str]:
-    out = []
-    for item in devices.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        out.append(f"cuda:{item}" if item.isdigit() else item)
+    """--devices "0,1" (or "cuda:0,cuda:1") → checked torch device strings."""
+    out = [resolve_device(f"cuda:{item}" if item.isdigit() else item, option="--devices")
+           for item in (part.strip() for part in devices.split(",")) if item]
     if not out:
-        raise LabelAbort(f"--devices {devices!r}: give device indices like 0,1")
+        raise CliError(f"--devices {devices!r}: give device indices like 0,1")
     return out
 
 
@@ -360,28 +322,28 @@ def execute(job: LabelJob, devices: Optional[list[str]] = None) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if devices and len(devices) > 1 and world == 1:
         if job.out == "-":
-            raise LabelAbort("--devices with several devices needs --out FILE")
+            raise CliError("--devices with several devices needs --out FILE")
         import torch.multiprocessing as mp
 
         try:
             mp.spawn(_shard_worker, args=(job, devices, started), nprocs=len(devices), join=True)
         except mp.ProcessException as exc:
-            raise LabelAbort(f"a device process failed ({str(exc).splitlines()[0]}); rerun with --resume", 1) from None
+            raise CliError(f"a device process failed ({first_line(exc)}); rerun with --resume", 1) from None
         return
     if world > 1 and job.out == "-":
-        raise LabelAbort("several ranks (WORLD_SIZE > 1) need --out FILE")
-    device = devices[local_rank % len(devices)] if devices else _resolve_device(job.device, local_rank)
+        raise CliError("several ranks (WORLD_SIZE > 1) need --out FILE")
+    device = devices[local_rank % len(devices)] if devices else resolve_device(job.device, local_rank)
     _run_and_merge(job, rank, world, device, started)
 
 
-def _parse_overrides(items: Sequence[str]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for item in items:
-        component, sep, path = item.partition("=")
-        if not sep or not component or not path:
-            raise LabelAbort(f"--checkpoint {item!r}: expected COMPONENT=PATH")
-        out[component] = Path(path)
-    return out
+def _model_components(model: str) -> tuple[str, ...]:
+    """The weight components of `model` (checks the name before any input is read)."""
+    from ovsam_model.builder import resolve_spec
+
+    try:
+        return resolve_spec(model).components
+    except ValueError as exc:  # a ':variant' the model does not take
+        raise CliError(first_line(exc)) from None
 
 
 def label(
@@ -401,9 +363,9 @@ def label(
     out: Annotated[str, typer.Option("--out", help="Output JSON file, or '-' for stdout (written at the end).")] = "-",
     score_thr: Annotated[float, typer.Option("--score-thr", help="Drop detections with a detector score below this.")] = 0.0,
     max_dets: Annotated[int, typer.Option("--max-dets", min=1, help="Keep at most this many detections per image (highest scores).")] = 300,
-    model: Annotated[str, typer.Option("--model", help="Model name from the registry.")] = "ovsam-rn50x16-lvis",
-    vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary (coco, lvis, a names file, ...); default: the model's.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    model: Annotated[str, typer.Option("--model", help="Model name (see `ovsam weights list`).")] = "ovsam-rn50x16-lvis",
+    vocab: VocabOpt = None,
+    device: DeviceOpt = "auto",
     devices: Annotated[
         Optional[str],
         typer.Option("--devices", help="Several GPUs, e.g. 0,1: one process per device, images sharded, one merged output (or use torchrun)."),
@@ -427,7 +389,7 @@ def label(
     no_amp: Annotated[bool, typer.Option("--no-amp", help="Run in float32 on CUDA (default: bf16 autocast).")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding and resizing images.")] = 2,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Alternative labels kept per mask (field 'topk').")] = 5,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, warnings or summary on stderr.")] = False,
+    quiet: QuietOpt = False,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
     checkpoint: CheckpointOpt = None,
@@ -435,52 +397,46 @@ def label(
 ) -> None:
     """Masks and open-vocabulary labels for detector boxes (or clicks), written as COCO JSON.
 
-    Each output record: image_id, category_id, score, bbox (XYWH of the mask), segmentation
-    (compressed RLE at the image size), detector_score, detector_category_id, topk (the best
-    vocabulary labels with their probabilities).
+    The prompts come from --boxes (a detector's output) or --points (clicks), the pictures from --images; --ann gives the file names, sizes and categories of a COCO or LVIS dataset.
 
-    With --label-source ovsam the score is the detector score times the label probability;
-    with --label-source detector the detector's category and score are kept.
+    Each output record has image_id, category_id, score, bbox (XYWH of the mask), segmentation (compressed RLE at the image size), detector_score, detector_category_id and topk (the best vocabulary labels with their probabilities).
+
+    With --label-source ovsam the score is the detector score times the label probability; with --label-source detector the detector's category and score are kept.
     """
     try:
-        if (boxes is None) == (points is None):
-            raise LabelAbort("give exactly one of --boxes and --points")
-        if images is None:
-            raise LabelAbort("--images DIR is required")
-        if resume and out == "-":
-            raise LabelAbort("--resume needs --out FILE (stdout output cannot be resumed)")
-        if out != "-" and not Path(out).parent.is_dir():
-            raise LabelAbort(f"--out {out}: folder {Path(out).parent} does not exist")
-        job = LabelJob(
-            boxes=boxes,
-            points=points,
-            images=images,
-            ann=ann,
-            out=out,
-            score_thr=score_thr,
-            max_dets=max_dets,
-            model=model,
-            vocab=vocab,
-            device=device,
-            batch_size=batch_size,
-            box_batch=box_batch,
-            label_source=label_source.value,
-            fmt=fmt.value,
-            polygons=polygons,
-            resume=resume,
-            amp=not no_amp,
-            workers=workers,
-            quiet=quiet,
-            topk=topk,
-            cache_dir=cache_dir,
-            offline=offline_flag(offline),
-            overrides=_parse_overrides(checkpoint or []),
-            clip_weights=clip_weights,
-        )
-        execute(job, _device_list(devices) if devices else None)
-    except (InputError, LabelAbort) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
-        raise typer.Exit(getattr(exc, "code", 2)) from None
+        with user_errors():
+            if (boxes is None) == (points is None):
+                raise CliError("give exactly one of --boxes and --points")
+            if images is None:
+                raise CliError("--images DIR is required")
+            if resume and out == "-":
+                raise CliError("--resume needs --out FILE (stdout output cannot be resumed)")
+            if out != "-" and not Path(out).parent.is_dir():
+                raise CliError(f"--out {out}: folder {Path(out).parent} does not exist")
+            job = LabelJob(
+                boxes=boxes,
+                points=points,
+                images=images,
+                ann=ann,
+                out=out,
+                score_thr=score_thr,
+                max_dets=max_dets,
+                model=model,
+                vocab=vocab,
+                device=device,
+                batch_size=batch_size,
+                box_batch=box_batch,
+                label_source=label_source.value,
+                fmt=fmt.value,
+                polygons=polygons,
+                resume=resume,
+                amp=not no_amp,
+                workers=workers,
+                quiet=quiet,
+                topk=topk,
+                weights=weight_options(cache_dir, offline, checkpoint, clip_weights, _model_components(model)),
+            )
+            execute(job, _device_list(devices) if devices else None)
     except KeyboardInterrupt:
-        console.print("interrupted; finished images are kept, rerun with --resume to continue" if out != "-" else "interrupted")
+        err_console.print("interrupted; finished images are kept, rerun with --resume to continue" if out != "-" else "interrupted")
         raise typer.Exit(130) from None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,7 +31,9 @@ from ovsam_model.registry import MODEL_REGISTRY, SAM_CHECKPOINTS, ModelSpec, Wei
 
 app = typer.Typer(no_args_is_help=True, help="List, download and verify model weights.")
 
-ModelName = Enum("ModelName", {name: name for name in MODEL_REGISTRY}, type=str)  # type: ignore[misc]
+# Model names are checked by the registry (one-line error listing them) and listed in the help
+# texts: as a choice metavar they would be broken mid-name at 80 columns.
+MODEL_NAMES = ", ".join(MODEL_REGISTRY)
 SamVariant = Enum("SamVariant", {name: name for name in SAM_CHECKPOINTS}, type=str)  # type: ignore[misc]
 
 
@@ -92,12 +96,13 @@ def _rows(specs: list[ModelSpec], cache_dir: Optional[Path]) -> list[dict]:
 
 @app.command("list")
 def list_weights(
-    model: Annotated[Optional[ModelName], typer.Option("--model", help="Only this model.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", metavar="MODEL", help=f"Only this model: {MODEL_NAMES}.")] = None,
     cache_dir: CacheDirOpt = None,
     fmt: Annotated[ListFormat, typer.Option("--format", help="table for people, tsv/json for scripts.")] = ListFormat.table,
 ) -> None:
     """Every weight file of every model: size, whether it is cached, whether its sha256 is known."""
-    specs = [get_spec(model.value)] if model else list(MODEL_REGISTRY.values())
+    with user_errors():
+        specs = [get_spec(model)] if model else list(MODEL_REGISTRY.values())
     rows = _rows(specs, cache_dir)
     if fmt is ListFormat.json:
         typer.echo(json.dumps(rows, indent=1))
@@ -116,7 +121,7 @@ def list_weights(
 
 @app.command()
 def download(
-    model: Annotated[ModelName, typer.Argument(help="Model whose files to fetch.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=f"Model whose files to fetch: {MODEL_NAMES}.")],
     sam_variant: SamVariantOpt = None,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
@@ -127,7 +132,7 @@ def download(
     Prints component<TAB>path lines on stdout.
     """
     with user_errors():
-        spec = _spec(model.value, sam_variant)
+        spec = _spec(model, sam_variant)
     if W.is_offline(offline_flag(offline)):
         fail(f"cannot download {spec.name} in offline mode (--offline, OVSAM_OFFLINE=1 or HF_HUB_OFFLINE=1 is set)")
     cache = W.resolve_cache_dir(cache_dir)
@@ -181,9 +186,20 @@ def _verify_clip(spec: ModelSpec, model: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{where}: {problem}") from e
 
 
+def _check(component: str, path: Path, load: Callable[[Path], None]) -> Optional[str]:
+    """Load one file strictly and print its ok / FAILED line; the failure, or None."""
+    try:
+        load(path)
+    except CheckpointError as e:
+        typer.echo(f"FAILED  {component:<16} {e}")
+        return str(e)
+    typer.echo(f"ok      {component:<16} {path.name}")
+    return None
+
+
 @app.command()
 def verify(
-    model: Annotated[ModelName, typer.Option("--model", help="Model whose file layouts to check.")],
+    model: Annotated[str, typer.Option("--model", metavar="MODEL", help=f"Model whose file layouts to check: {MODEL_NAMES}.")],
     weights_dir: Annotated[Path, typer.Option("--weights-dir", exists=True, file_okay=False,
                                               help="Folder with weight files under their official names.")],
     clip_weights: ClipWeightsOpt = None,
@@ -194,31 +210,22 @@ def verify(
     One line per component on stdout (ok / absent / FAILED with the first bad key); exit 0 when every file found loads, 1 otherwise.
     """
     with user_errors():
-        spec = _spec(model.value, sam_variant)
+        spec = _spec(model, sam_variant)
     found = {wf.component: _find(wf, weights_dir) for wf in spec.files}
     if not any(found.values()) and clip_weights is None:
         names = ", ".join(wf.filename for wf in spec.files) or "none"
         fail(f"no weight file of {spec.name} in {weights_dir} (looked for: {names})", code=1)
     with err_console.status(f"building {spec.name} with random weights"), user_errors():
         net = _build_random_model(spec)
-    failures = []
+    results = []
     for wf in spec.files:
         path = found[wf.component]
         if path is None:
             typer.echo(f"absent  {wf.component:<16} {wf.filename} not in {weights_dir}")
-            continue
-        try:
-            load_weight_file(net, wf, path)
-            typer.echo(f"ok      {wf.component:<16} {path.name}")
-        except CheckpointError as e:
-            failures.append(str(e))
-            typer.echo(f"FAILED  {wf.component:<16} {e}")
+        else:
+            results.append(_check(wf.component, path, partial(load_weight_file, net, wf)))
     if clip_weights is not None:
-        try:
-            _verify_clip(spec, net, clip_weights)
-            typer.echo(f"ok      {'clip':<16} {clip_weights.name}")
-        except CheckpointError as e:
-            failures.append(str(e))
-            typer.echo(f"FAILED  {'clip':<16} {e}")
+        results.append(_check("clip", clip_weights, partial(_verify_clip, spec, net)))
+    failures = [problem for problem in results if problem is not None]
     if failures:
         fail(f"{len(failures)} file(s) do not fit {spec.name}; first: {failures[0]}", code=1)

@@ -119,29 +119,22 @@ SAM_CHECKPOINTS: dict[str, str] = {
 }
 
 
-def prompt_encoder_weight(variant: str = "vit_h") -> WeightFile:
-    """SAM's prompt encoder, extracted once from the full SAM checkpoint into a small file."""
-    filename = SAM_CHECKPOINTS[variant]
-    return WeightFile(
-        component="prompt_encoder",
-        filename=filename,
-        url=SAM_HOST + filename,
-        targets=(("prompt_encoder.", "prompt_encoder"),),
-        description=f"SAM {variant} prompt encoder (6,476 params), extracted from {filename}",
-        extract_to=f"sam_{variant}_prompt_encoder.pth",
-        ignore_other_keys=True,
-    )
-
-
 def sam_weight(variant: str = "vit_h") -> WeightFile:
     """A whole SAM checkpoint (the baselines run SAM's own image encoder)."""
     filename = SAM_CHECKPOINTS[variant]
-    return WeightFile(
-        component="sam",
-        filename=filename,
-        url=SAM_HOST + filename,
-        targets=(("", "sam"),),
-        description=f"Segment Anything {variant}",
+    return WeightFile(component="sam", filename=filename, url=SAM_HOST + filename, targets=(("", "sam"),),
+                      description=f"Segment Anything {variant}")
+
+
+def prompt_encoder_weight(variant: str = "vit_h") -> WeightFile:
+    """SAM's prompt encoder, extracted once from the full SAM checkpoint into a small file."""
+    return replace(
+        sam_weight(variant),
+        component="prompt_encoder",
+        targets=(("prompt_encoder.", "prompt_encoder"),),
+        description=f"SAM {variant} prompt encoder (6,476 params), extracted from {SAM_CHECKPOINTS[variant]}",
+        extract_to=f"sam_{variant}_prompt_encoder.pth",
+        ignore_other_keys=True,
     )
 
 

@@ -119,6 +119,13 @@ def test_user_errors_are_one_line(segm_preds, tmp_path):
     res = runner.invoke(app, ["eval", "--ann", str(GT), "--pred", str(boxes)])
     _assert_one_line_error(res)  # other images' ids
     _assert_one_line_error(runner.invoke(app, ["eval", "--protocol", "prompt", "--ann", str(GT)]))
+    prompt = ["eval", "--protocol", "prompt", "--ann", str(GT), "--images", str(SAMPLE / "images"), "--model", "tiny",
+              "--random-weights", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    for extra, message in ((["--device", "gpu0"], "--device"), (["--checkpoint", "head"], "COMPONENT=PATH"),
+                           (["--vocab", "bogus", "--device", "cpu"], "unknown vocabulary 'bogus'")):
+        res = runner.invoke(app, [*prompt, *extra])
+        _assert_one_line_error(res)
+        assert message in res.stderr
 
 
 class _OraclePredictor:
@@ -166,7 +173,7 @@ def test_prompt_protocol_with_fake_predictors(monkeypatch):
     report = json.loads(result.stdout)
     assert [m["name"] for m in report["models"]] == ["oracle-a", "oracle-b"]
     assert [b[0] for b in built] == ["oracle-a", "oracle-b"]
-    assert built[0][1]["overrides"] == {"head": "/x/h.pth"} and built[0][1]["device"] == "cpu"
+    assert built[0][1]["overrides"] == {"head": Path("/x/h.pth")} and built[0][1]["device"] == "cpu"
     n = sum(not a["iscrowd"] for a in gt["annotations"])
     for entry in report["models"]:
         r = entry["result"]

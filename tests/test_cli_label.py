@@ -244,6 +244,11 @@ def test_missing_image_file_is_skipped(mini, tmp_path):
         ("resume_stdout", "--resume needs --out FILE"),
         ("bad_pth", "not a readable torch file"),
         ("detector_needs_category", "missing field 'category_id'"),
+        ("unknown_model", "unknown model 'no-such-model'"),
+        ("unknown_vocab", "unknown vocabulary 'bogus'"),
+        ("bad_device", "Invalid value for --device: 'gpu0'"),
+        ("checkpoint_syntax", "'clip2sam': expected COMPONENT=PATH"),
+        ("checkpoint_component", "unknown component 'clip2sam' (this model has: none)"),
     ],
 )
 def test_bad_inputs(case, message, mini, tmp_path):
@@ -259,6 +264,11 @@ def test_bad_inputs(case, message, mini, tmp_path):
         "resume_stdout": ["--boxes", good, "--resume"],
         "bad_pth": ["--boxes", tmp_path / "x.pth"],
         "detector_needs_category": ["--boxes", "-", "--label-source", "detector"],
+        "unknown_model": ["--boxes", good, "--model", "no-such-model"],
+        "unknown_vocab": ["--boxes", good, "--vocab", "bogus"],
+        "bad_device": ["--boxes", good, "--device", "gpu0"],
+        "checkpoint_syntax": ["--boxes", good, "--checkpoint", "clip2sam"],
+        "checkpoint_component": ["--boxes", good, "--checkpoint", "clip2sam=x.pth"],
     }[case]
     stdin = {
         "malformed": '[{"image_id": 1,, }]',

@@ -74,6 +74,46 @@ def test_download_offline_is_one_line(monkeypatch):
     assert res.exit_code != 0 and "offline" in res.stderr
 
 
+@pytest.mark.parametrize("args", [["weights", "download", "no-such-model"],
+                                  ["weights", "list", "--model", "no-such-model"],
+                                  ["weights", "verify", "--model", "no-such-model", "--weights-dir", "."]])
+def test_unknown_model_is_one_line_listing_the_names(args):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown model 'no-such-model'" in lines[0]
+    assert all(name in lines[0] for name in MODEL_REGISTRY)
+
+
+def test_help_fits_80_columns():
+    """Model names are listed whole in the help text (not broken inside a choice metavar)."""
+    for args in (["weights", "download", "--help"], ["weights", "verify", "--help"], ["weights", "list", "--help"]):
+        res = runner.invoke(app, args, env={"COLUMNS": "80"})
+        assert res.exit_code == 0
+        assert all(len(line) <= 80 for line in res.output.splitlines())
+        assert "ovsam-rn50x16-coco," in res.output and "baseline-feature-crop," in res.output
+
+
+def test_device_resolution():
+    import typer
+
+    from ovsam_cli.common import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu", local_rank=1) == "cpu"
+    for bad in ("gpu0", "cuda:x", ""):
+        with pytest.raises(typer.BadParameter, match="expected auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    if torch.cuda.is_available():
+        assert resolve_device("cuda", local_rank=0) == "cuda:0" and resolve_device("cuda") == "cuda"
+        with pytest.raises(typer.BadParameter, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(typer.BadParameter, match="no CUDA device") as exc:
+            resolve_device("cuda:0", option="--devices")
+        assert "--devices" in exc.value.format_message()
+
+
 def test_download_network_failure_is_one_line(monkeypatch):
     import urllib.error
 

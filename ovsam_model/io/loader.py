@@ -56,10 +56,6 @@ class ImageDataset(Dataset):
         return LoadedImage(record, self.prepare(array))
 
 
-def _keep_list(items: list[LoadedImage]) -> list[LoadedImage]:
-    return items
-
-
 def make_loader(
     images: Sequence[ImageRecord],
     prepare: Callable[[np.ndarray], PreparedImage],
@@ -67,15 +63,6 @@ def make_loader(
     batch_size: int = 1,
     workers: int = 0,
 ) -> DataLoader:
-    """Batches are lists of `LoadedImage` in the order of `images`."""
-    return DataLoader(
-        ImageDataset(images, prepare),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_keep_list,
-        pin_memory=False,
-        persistent_workers=False,
-        prefetch_factor=2 if workers > 0 else None,
-    )
-
+    """Batches are lists of `LoadedImage` in the order of `images` (no shuffling; `collate_fn=list`
+    keeps the items as they are instead of stacking tensors)."""
+    return DataLoader(ImageDataset(images, prepare), batch_size=batch_size, num_workers=workers, collate_fn=list)
