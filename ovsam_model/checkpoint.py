@@ -7,8 +7,6 @@ in the released file (`fpn_neck.fpn_convs.3.conv.bias`), whatever the local modu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
@@ -16,6 +14,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from ovsam_model.atomic import torch_save_atomic
 from ovsam_model.registry import ModelSpec, WeightFile
 
 StateDict = dict[str, torch.Tensor]
@@ -202,13 +201,5 @@ def write_synthetic_checkpoint(layout_json: str | Path, out: str | Path, wrap_st
     payload = synthetic_payload(layout, seed=seed)
     obj = {"state_dict": payload} if wrap_state_dict and isinstance(payload, dict) else payload
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    torch_save_atomic(obj, out)
     return out

@@ -6,7 +6,7 @@ Every coordinate here is in *original image pixels*; boxes are XYXY. Conversions
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 import numpy as np

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import torch_save_atomic
 from .splits import COCO_BASE, COCO_NOVEL
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -306,18 +305,6 @@ def _cache_path(cache_dir: Path, key: str, templates: Sequence[str], synonyms: l
     return Path(cache_dir) / "text_embeddings" / f"{digest}.pt"
 
 
-def _save_atomic(tensor: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(tensor, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(path: Path, k: int, p: int) -> Optional[torch.Tensor]:
     if not path.is_file():
         return None
@@ -379,7 +366,7 @@ def text_embeddings(
     rows = [[index[s] for s in syn] + [index[syn[0]]] * (p - len(syn)) for syn in vocab.synonyms]
     out = emb[torch.tensor(rows, dtype=torch.long)]  # [K, P, D]
     if path is not None:
-        _save_atomic(out, path)
+        torch_save_atomic(out, path)
     return out
 
 

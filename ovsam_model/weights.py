@@ -24,6 +24,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from ovsam_model.atomic import atomic_path, write_text_atomic
 from ovsam_model.registry import ModelSpec, WeightFile, prompt_encoder_weight
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,6 @@ def recorded_sha256(path: Path) -> Optional[str]:
     return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _expected_sha256(wf: WeightFile, path: Path) -> Optional[str]:
     """Registry checksum of the file at `path`, else the recorded one. Extracted files have
     no registry checksum (theirs is of the full source file)."""
@@ -139,7 +133,7 @@ def _download(wf: WeightFile, dest: Path, *, model: Optional[str], progress: boo
             raise WeightsError(f"download of {wf.filename} ({_whose(wf, model)}) from {wf.url} has sha256 "
                                f"{digest}, expected {expected}; nothing was saved")
         os.replace(tmp, dest)
-        _atomic_write_text(_sidecar(dest), f"{digest}  {dest.name}\n")
+        write_text_atomic(_sidecar(dest), f"{digest}  {dest.name}\n")
         return dest
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
@@ -158,7 +152,7 @@ def _fetch_plain(wf: WeightFile, cache: Path, *, offline: bool, model: Optional[
         problem = cached_problem(wf, target)
         if problem is None:
             if _expected_sha256(wf, target) is None:  # copied in by hand: record it from now on
-                _atomic_write_text(_sidecar(target), f"{sha256_of(target)}  {target.name}\n")
+                write_text_atomic(_sidecar(target), f"{sha256_of(target)}  {target.name}\n")
             return target
         if offline:
             raise WeightsError(f"cached {wf.filename} ({_whose(wf, model)}) in {cache} is corrupt ({problem}) "
@@ -182,17 +176,10 @@ def _extract(wf: WeightFile, source: Path, dest: Path) -> Path:
     small = {k: v for k, v in state.items() if k.startswith(prefixes)} if isinstance(state, dict) else {}
     if not small:
         raise WeightsError(f"{source.name} ({_whose(wf, None)}) has no keys starting with {', '.join(prefixes)}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         torch.save(small, tmp)
-        digest = sha256_of(Path(tmp))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _atomic_write_text(_sidecar(dest), f"{digest}  {dest.name}\n")
+        digest = sha256_of(tmp)
+    write_text_atomic(_sidecar(dest), f"{digest}  {dest.name}\n")
     return dest
 
 

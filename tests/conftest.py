@@ -62,3 +62,9 @@ def build_random_ovsam(name: str = "ovsam-rn50x16-coco"):
 def random_ovsam():
     """One full-size RN50x16 OVSAM with random weights, shared by the tests (≈2.5 GB, ~7 s)."""
     return build_random_ovsam()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    """Every test starts from the same torch RNG state, so no result depends on test order."""
+    torch.manual_seed(0)

@@ -136,8 +136,9 @@ def test_top_k() -> None:
 
 def test_background_never_wins_argmax() -> None:
     # every foreground cosine negative: background logit 0 is the largest, yet labels are foreground
-    classes = add_background(torch.nn.functional.normalize(torch.randn(5, 1, 8), dim=-1))
-    region = -classes[:5, 0].sum(0, keepdim=True)
+    # orthonormal classes and a region pointing away from all of them (deterministic)
+    classes = add_background(torch.eye(8)[:5, None, :])
+    region = -(classes[:5, 0] * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])[:, None]).sum(0, keepdim=True)
     logits = class_logits(region, classes)
     assert logits.argmax(-1).item() == 5
     labels, _ = top_k(ensemble_probs(logits, None, torch.zeros(5, dtype=torch.bool)), 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.ops import masks_to_boxes, roi_align

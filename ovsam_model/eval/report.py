@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from ovsam_model.atomic import write_json_atomic as _write_json_atomic
 
 DETECTOR_COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 DETECTOR_OV_KEYS = ("AP_base", "AP_novel")
@@ -119,16 +120,5 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temp file in the target folder, then os.replace it into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """The report as indented JSON, written atomically."""
+    _write_json_atomic(path, data, indent=2)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Optional, Sequence
 
+from ovsam_model.atomic import write_json_atomic as _write_json_atomic
 from ovsam_model.io.datasets import ImageRecord
 from ovsam_model.io.detections import InputError, PromptRecord
 from ovsam_model.io.masks import encode_rle, mask_polygons, rle_area, rle_bbox
@@ -222,22 +222,8 @@ def assemble(entries: Iterable[dict], *, fmt: str = "results", categories: Seque
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename onto `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Compact JSON at `path`, written atomically (temp file, fsync, rename)."""
+    _write_json_atomic(path, obj)
 
 
 def write_json_stream(stream: IO[str], obj: Any) -> None:

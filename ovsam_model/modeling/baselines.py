@@ -14,7 +14,6 @@ from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torchvision.ops import roi_align
 
