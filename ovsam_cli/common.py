@@ -167,6 +167,11 @@ DeviceOpt = Annotated[
 ]
 VocabOpt = Annotated[
     Optional[str],
-    typer.Option("--vocab", help="Class vocabulary: coco, lvis, ..., or a names file; default: the model's own."),
+    typer.Option("--vocab", help="Class vocabulary: coco, lvis, lvis-synonyms, coco-ov, coco-base, lvis-base, a names file (.txt: one class per line, synonyms separated by commas), or embeddings (.npy / .pth, names from --vocab-names); default: the model's own."),
+]
+VocabNamesOpt = Annotated[
+    Optional[Path],
+    typer.Option("--vocab-names", metavar="FILE", dir_okay=False,
+                 help="Class names (one per line) for a --vocab of embeddings (.npy [K, D] or .pth [K, P, D])."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, warnings or summaries on stderr (errors still show).")]

@@ -28,6 +28,7 @@ from ovsam_cli.common import (
     DeviceOpt,
     OfflineOpt,
     QuietOpt,
+    VocabNamesOpt,
     VocabOpt,
     err_console,
     fail,
@@ -104,6 +105,7 @@ def _run_detector(ann: Path, pred: Optional[Path], dataset: str, split: str, iou
 
 def _run_prompt(
     ann: Path, images: Optional[Path], models: list[str], dataset: str, prompt: str, *, vocab: Optional[str],
+    vocab_names: Optional[Path],
     batch_size: int, max_images: Optional[int], device: str, build_kwargs: dict[str, Any], progress: bool,
 ) -> tuple[list[PromptResult], dict]:
     from ovsam_model.builder import build_predictor
@@ -118,7 +120,7 @@ def _run_prompt(
     results, entries = [], []
     for name in models:
         info(f"building {name} on {device}", quiet=not progress)
-        predictor = build_predictor(name, vocab=vocab, device=device, progress=progress, **build_kwargs)
+        predictor = build_predictor(name, vocab=vocab, names_file=vocab_names, device=device, progress=progress, **build_kwargs)
         result = evaluate_prompts(predictor, gt, images, prompt=prompt, dataset=dataset,  # type: ignore[arg-type]
                                   batch_size=batch_size, max_images=max_images, progress=progress,
                                   model_name=name)
@@ -131,7 +133,7 @@ def _run_prompt(
         "ovsam_version": __version__,
         "protocol": "prompt",
         "settings": {"dataset": dataset, "prompt": prompt, "ann": str(ann), "ann_sha256": sha256_of(ann),
-                     "images": str(images), "vocab": vocab, "batch_size": batch_size, "max_images": max_images,
+                     "images": str(images), "vocab": vocab, "vocab_names": str(vocab_names) if vocab_names else None, "batch_size": batch_size, "max_images": max_images,
                      "device": device, "random_weights": bool(build_kwargs.get("random_weights"))},
         "models": entries,
     }
@@ -149,6 +151,7 @@ def eval_command(
     images: Annotated[Optional[Path], typer.Option(help="Prompt protocol: folder of the GT images.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Prompt protocol: model name(s), comma-separated, evaluated side by side.")] = None,
     vocab: VocabOpt = None,
+    vocab_names: VocabNamesOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompt protocol: images per model call.")] = 1,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Prompt protocol: evaluate only the first N images (sorted by id).")] = None,
     device: DeviceOpt = "auto",
@@ -188,6 +191,7 @@ def eval_command(
                 build_kwargs = {"random_weights": random_weights,
                                 **weight_options(cache_dir, offline, checkpoint, clip_weights)}
                 results, report = _run_prompt(ann, images, names, dataset.value, prompt.value, vocab=vocab,
+                                              vocab_names=vocab_names,
                                               batch_size=batch_size, max_images=max_images,
                                               device=resolve_device(device), build_kwargs=build_kwargs,
                                               progress=not quiet)

@@ -30,6 +30,7 @@ from ovsam_cli.common import (
     DeviceOpt,
     OfflineOpt,
     QuietOpt,
+    VocabNamesOpt,
     VocabOpt,
     err_console,
     first_line,
@@ -89,6 +90,7 @@ class LabelJob:
     max_dets: int
     model: str
     vocab: Optional[str]
+    vocab_names: Optional[Path]
     device: str
     batch_size: int
     box_batch: int
@@ -115,14 +117,14 @@ def load_predictor(job: LabelJob, device: str) -> Predictor:
     """The model of `job` on `device` (a seam for tests)."""
     from ovsam_model.builder import build_predictor
 
-    return build_predictor(job.model, vocab=job.vocab, device=device, box_chunk=job.box_batch, amp=job.amp,
+    return build_predictor(job.model, vocab=job.vocab, names_file=job.vocab_names, device=device, box_chunk=job.box_batch, amp=job.amp,
                            topk=job.topk, **job.weights)
 
 
 def _fingerprint(job: LabelJob, prompts: PromptSet) -> str:
     """What the part files' contents depend on: the model options and the kept prompts."""
     h = hashlib.sha256()
-    options = {k: str(v) for k, v in asdict(job).items() if k in ("model", "vocab", "label_source", "polygons", "topk", "amp")}
+    options = {k: str(v) for k, v in asdict(job).items() if k in ("model", "vocab", "vocab_names", "label_source", "polygons", "topk", "amp")}
     h.update(json.dumps(options, sort_keys=True).encode())
     h.update(json.dumps({k: [list(map(str, asdict(p).values())) for p in v] for k, v in sorted(prompts.by_image.items())}).encode())
     return h.hexdigest()[:32]
@@ -365,6 +367,7 @@ def label(
     max_dets: Annotated[int, typer.Option("--max-dets", min=1, help="Keep at most this many detections per image (highest scores).")] = 300,
     model: Annotated[str, typer.Option("--model", help="Model name (see `ovsam weights list`).")] = "ovsam-rn50x16-lvis",
     vocab: VocabOpt = None,
+    vocab_names: VocabNamesOpt = None,
     device: DeviceOpt = "auto",
     devices: Annotated[
         Optional[str],
@@ -423,6 +426,7 @@ def label(
                 max_dets=max_dets,
                 model=model,
                 vocab=vocab,
+                vocab_names=vocab_names,
                 device=device,
                 batch_size=batch_size,
                 box_batch=box_batch,

@@ -22,12 +22,17 @@ _real_load = label_mod.load_predictor
 _cache: dict = {}
 
 
+def _key(job, device="cpu") -> tuple:
+    key = (job.model, job.vocab, job.vocab_names, job.topk)
+    return key if device == "cpu" else key + (device, job.amp)
+
+
 @pytest.fixture(autouse=True)
 def cached_model(monkeypatch):
     """Build each (model, vocab, topk) once through the real builder: the suite stays fast."""
 
     def load(job, device):
-        key = (job.model, job.vocab, job.topk) if device == "cpu" else (job.model, job.vocab, job.topk, device, job.amp)
+        key = _key(job, device)
         if key not in _cache:
             _cache[key] = _real_load(job, device)
         return _cache[key]
@@ -97,7 +102,7 @@ def test_mini_end_to_end(mini, tmp_path):
     assert [(r["image_id"], r["detector_category_id"]) for r in results] == [(boxes[i]["image_id"], boxes[i]["category_id"]) for i in expected]
     sizes = {im["id"]: [im["height"], im["width"]] for im in gt["images"]}
     assert all(rec["segmentation"]["size"] == sizes[rec["image_id"]] for rec in results)
-    vocab_ids = set(_cache[("tiny", None, 5)].category_ids)
+    vocab_ids = set(_cache[("tiny", None, None, 5)].category_ids)
     assert all(rec["category_id"] in vocab_ids and 0 <= rec["score"] <= 0.9 + 1e-6 for rec in results)
     assert all(len(rec["topk"]) == 5 for rec in results)
     assert not list(tmp_path.glob("*.partial*"))
@@ -157,7 +162,7 @@ def test_points_polygons_no_ann(mini, tmp_path):
 
 
 def _interrupt_after(monkeypatch, n_images: int):
-    predictor = _cache[("tiny", None, 5)]
+    predictor = _cache[("tiny", None, None, 5)]
     original = predictor.predict_prepared
     seen = {"n": 0}
 
@@ -186,7 +191,7 @@ def test_resume_after_interrupt_is_identical(mini, tmp_path, monkeypatch):
     with open(part, "a") as f:
         f.write('{"image":{"id":1')  # a torn line, as after SIGKILL
     monkeypatch.undo()
-    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device: _cache[(job.model, job.vocab, job.topk)])
+    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device: _cache[_key(job)])
     r = run(*args, "--out", out, "--resume")
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == ref.read_bytes()
@@ -210,6 +215,28 @@ def test_two_rank_shards_merge(mini, tmp_path, monkeypatch):
     assert run(*args, "--out", out).exit_code == 0  # rank 0 waits for rank 1 (done) and merges
     assert out.read_bytes() == ref.read_bytes()
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_imported_embedding_vocabulary(mini, tmp_path):
+    """A Detic-style .npy of class embeddings with a names file becomes the label vocabulary."""
+    import numpy as np
+
+    root, _, _, boxes = mini
+    np.save(tmp_path / "vocab.npy", np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32))
+    (tmp_path / "names.txt").write_text("apple\nbanana\ncherry\n")
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes[:5]))
+    out = tmp_path / "out.json"
+    common = ["--boxes", tmp_path / "boxes.json", "--images", root / "images", "--ann", root / "instances.json",
+              "--vocab", tmp_path / "vocab.npy", "--format", "dataset", "--out", out]
+    r = run(*common, "--vocab-names", tmp_path / "names.txt")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "apple"), (2, "banana"), (3, "cherry")]
+    assert len(data["annotations"]) == 5 and {a["category_id"] for a in data["annotations"]} <= {1, 2, 3}
+    (tmp_path / "two.txt").write_text("apple\nbanana\n")
+    bad = run(*common, "--vocab-names", tmp_path / "two.txt")
+    assert bad.exit_code == 2 and "3 class embeddings" in bad.output and "2 names" in bad.output
+    assert "Traceback" not in bad.output
 
 
 def test_empty_detections_give_empty_output(mini, tmp_path):
