@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -31,8 +34,20 @@ def _peak_reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak(device: torch.device, rss_before: float) -> float:
+    """CUDA: peak allocated. CPU: peak resident set growth of this process (run one variant per
+    process, see --variant, so the two do not share a high-water mark)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
 
 
 def main() -> None:
@@ -43,7 +58,12 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variant", choices=["segment-anything", "ovsam"], default=None,
+                    help="run one variant only (on CPU each variant runs in its own process for memory)")
     args = ap.parse_args()
+    if args.variant is None and args.device == "cpu":
+        _run_in_subprocesses(args)
+        return
     device = torch.device(args.device)
     torch.manual_seed(0)
     prompt = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
@@ -77,6 +97,9 @@ def main() -> None:
 
     results = {}
     for name, fn in (("segment-anything", baseline), ("ovsam", ours)):
+        if args.variant not in (None, name):
+            continue
+        rss_before = _rss_mib()
         fn()  # warm-up
         _sync(device)
         _peak_reset(device)
@@ -84,11 +107,28 @@ def main() -> None:
         for _ in range(args.repeats):
             fn()
         _sync(device)
-        results[name] = {"s_per_image": (time.perf_counter() - t0) / args.repeats, "peak_mib": _peak(device)}
+        results[name] = {"s_per_image": (time.perf_counter() - t0) / args.repeats,
+                         "peak_mib": _peak(device, rss_before)}
         print(json.dumps({"variant": name, "device": str(device), "boxes": args.boxes, **results[name]}))
-    a, b = results["segment-anything"], results["ovsam"]
-    print(json.dumps({"speedup": a["s_per_image"] / b["s_per_image"],
-                      "memory_ratio": a["peak_mib"] / b["peak_mib"] if device.type == "cuda" else None}))
+    if len(results) == 2:
+        _summary(results["segment-anything"], results["ovsam"])
+
+
+def _summary(sam: dict, ours: dict) -> None:
+    print(json.dumps({"speedup": sam["s_per_image"] / ours["s_per_image"],
+                      "memory_ratio": sam["peak_mib"] / ours["peak_mib"]}))
+
+
+def _run_in_subprocesses(args: argparse.Namespace) -> None:
+    results = {}
+    for name in ("segment-anything", "ovsam"):
+        cmd = [sys.executable, __file__, "--variant", name, "--device", "cpu", "--boxes", str(args.boxes),
+               "--chunk", str(args.chunk), "--height", str(args.height), "--width", str(args.width),
+               "--repeats", str(args.repeats)]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        print(line)
+        results[name] = json.loads(line)
+    _summary(results["segment-anything"], results["ovsam"])
 
 
 if __name__ == "__main__":
