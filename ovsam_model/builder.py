@@ -64,8 +64,6 @@ def _build_ovsam(spec: ModelSpec, weights: Mapping[str, Union[str, Path]], clip_
     model = OVSAM.from_config(spec.config, clip_pretrained=clip_pretrained,
                               clip_cache_dir=None if clip_cache_dir is None else str(clip_cache_dir),
                               quick_gelu=spec.clip_quick_gelu and clip_pretrained is not None)
-    if clip_pretrained is not None:
-        model.trunk.weights_tag = f"{spec.clip_pretrained}" if clip_pretrained == spec.clip_pretrained else clip_pretrained
     payloads = load_spec_weights(model, spec, weights)
     return model, payloads
 
@@ -94,25 +92,41 @@ def build_predictor(
     amp: bool = True,
     topk: int = 5,
     mask_postprocess: str = "fast",
+    roi_box: Optional[str] = None,
+    alpha: Optional[float] = None,
+    beta: Optional[float] = None,
     progress: bool = True,
 ) -> Predictor:
     """A ready predictor: weights fetched (or taken from `overrides` / the cache), vocabulary
     embedded with the model's own CLIP text tower (cached), the ensemble's seen classes set from
-    the model's training vocabulary. Raises `WeightsError` / `CheckpointError` with one-line
-    messages when weights are missing or malformed."""
+    the model's training vocabulary. `roi_box` ("mask": the predicted mask's box, the official
+    choice; "prompt": the prompt box), `alpha` and `beta` override the registry's settings.
+    Raises `WeightsError` / `CheckpointError` with one-line messages when weights are missing
+    or malformed."""
     from .weights import clip_cache_dir, clip_pretrained_arg, resolve_cache_dir, resolve_weights, sha256_of
 
     spec = resolve_spec(name)
+    overrides_cfg = {k: v for k, v in (("roi_box", roi_box), ("alpha", alpha), ("beta", beta)) if v is not None}
+    if roi_box not in (None, "mask", "prompt"):
+        raise ValueError(f"roi_box must be 'mask' or 'prompt', not {roi_box!r}")
+    if overrides_cfg:
+        spec = replace(spec, config=spec.config.with_(**overrides_cfg))
     paths: dict[str, Path] = {}
     clip_arg = None
     if not random_weights:
         paths = resolve_weights(spec, cache_dir=cache_dir, offline=offline, overrides=overrides, progress=progress)
         clip_arg = clip_pretrained_arg(spec, clip_weights, offline, cache_dir)
+    # What the text-embedding cache keys on: the tag, or the sha256 of a --clip-weights file
+    # (never a cache path, which changes between a download and later cache hits).
+    clip_identity = None
+    if clip_arg is not None:
+        clip_identity = f"sha256:{sha256_of(Path(clip_weights))}" if clip_weights else spec.clip_pretrained
     vocabulary = load_vocabulary(vocab or spec.vocabulary, names_file=names_file)
     cache = resolve_cache_dir(cache_dir)
 
     if spec.kind == "ovsam":
         model, payloads = _build_ovsam(spec, paths, clip_arg, clip_cache_dir(cache_dir))
+        model.trunk.weights_tag = clip_identity
         model.to(device)  # before the text tower encodes the vocabulary
         if vocab is None and "text_embeddings" in payloads:
             vocabulary.embeddings = payloads["text_embeddings"].float()
@@ -121,6 +135,7 @@ def build_predictor(
         sam = _build_sam(spec, paths)
         encoder = ClipTrunk(spec.config.clip, pretrained=clip_arg, cache_dir=str(clip_cache_dir(cache_dir)),
                             quick_gelu=spec.clip_quick_gelu and clip_arg is not None).to(device)
+        encoder.weights_tag = clip_identity
     class_embeds = text_embeddings(vocabulary, encoder, cache_dir=cache)
     hashes = {c: sha256_of(p) for c, p in paths.items()} if not random_weights else {}
     if spec.kind == "ovsam":

@@ -11,8 +11,7 @@ import torch
 
 from .classify import add_background, class_logits, ensemble_probs, top_k
 from .modeling.ovsam import OVSAM, ImageFeatures
-from .transforms import (boxes_to_model, coords_to_model, masks_to_original_exact, masks_to_original_fast,
-                         prepare_image)
+from .transforms import binary_masks_to_original, boxes_to_model, coords_to_model, prepare_image
 from .types import PreparedImage, Prediction, Prompts
 from .vocab import Vocabulary
 
@@ -105,12 +104,11 @@ class OVSAMPredictor:
             points = coords_to_model(prompts.points, osz, isz).to(self.device)
             labels = prompts.point_labels.to(self.device)
         with autocast_context(self.device, self.amp):
-            out = self.model.decode(feats, index, boxes=boxes, points=points, point_labels=labels)
-        to_original = masks_to_original_fast if self.mask_postprocess == "fast" else masks_to_original_exact
-        masks = to_original(out.mask_logits.float(), isz, osz, self.cfg.image_size)[:, 0] > 0
+            out = self.model.decode(feats, index, boxes=boxes, points=points, point_labels=labels, input_size=isz)
+        masks = binary_masks_to_original(out.mask_logits, isz, osz, self.cfg.image_size, self.mask_postprocess)
         head = class_logits(out.region_embeds, self.class_embeds, self.cfg.logit_scale)
         clip = class_logits(out.clip_embeds, self.class_embeds, self.cfg.logit_scale)
         probs = ensemble_probs(head, clip, self.seen, self.cfg.alpha, self.cfg.beta, out.use_clip)
         top_labels, top_scores = top_k(probs, self._k())
-        return Prediction(masks=masks.cpu(), labels=top_labels[:, 0].cpu(), scores=top_scores[:, 0].float().cpu(),
+        return Prediction(masks=masks, labels=top_labels[:, 0].cpu(), scores=top_scores[:, 0].float().cpu(),
                           topk_labels=top_labels.cpu(), topk_scores=top_scores.float().cpu())

@@ -31,9 +31,11 @@ def prepare_image(
     """HxWx3 uint8 RGB → [3, size, size] float32, normalised and zero-padded."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 RGB image, got shape {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image (0-255), got {image.dtype}")
     height, width = image.shape[:2]
     h, w = resized_shape(height, width, size)
-    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(image, dtype=np.uint8))
+    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(image))
     x = torch.from_numpy(resized).permute(2, 0, 1).float()
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     x = F.pad(x, (0, size - w, 0, size - h))
@@ -91,3 +93,25 @@ def masks_to_original_fast(
     gy = (2 * ys / s - 1).view(oh, 1).expand(oh, ow)
     grid = torch.stack([gx, gy], dim=-1).unsqueeze(0).to(low_res.dtype).expand(n, oh, ow, 2)
     return F.grid_sample(low_res, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# Float32 elements of full-size mask logits alive at once (2**25: 128 MiB).
+MASK_PIXEL_BUDGET = 2**25
+
+
+def binary_masks_to_original(
+    low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], size: int = 1024,
+    mode: str = "fast",
+) -> torch.Tensor:
+    """[N, 1, s, s] logits → [N, H, W] bool masks on the CPU (logits > 0).
+
+    `mode` "fast" (`masks_to_original_fast`) or "exact" (`masks_to_original_exact`). Float maps at
+    the original size exist for a few prompts at a time only, so large images stay bounded.
+    """
+    to_original = {"fast": masks_to_original_fast, "exact": masks_to_original_exact}[mode]
+    step = max(1, MASK_PIXEL_BUDGET // (original_size[0] * original_size[1]))
+    out = torch.empty(low_res.shape[0], *original_size, dtype=torch.bool)
+    for s in range(0, low_res.shape[0], step):
+        logits = to_original(low_res[s : s + step].float(), input_size, original_size, size)
+        out[s : s + step] = (logits[:, 0] > 0).cpu()
+    return out

@@ -30,7 +30,16 @@ class Prompts:
 
     def __post_init__(self) -> None:
         if self.boxes is not None:
-            self.boxes = torch.as_tensor(np.asarray(self.boxes, dtype=np.float32)).reshape(-1, 4)
+            boxes = np.asarray(self.boxes, dtype=np.float32)
+            if boxes.size and boxes.shape[-1] != 4 or boxes.ndim > 2:
+                raise ValueError(f"boxes must be [N, 4] XYXY, got shape {tuple(boxes.shape)}")
+            boxes = boxes.reshape(-1, 4)
+            if not np.isfinite(boxes).all():
+                raise ValueError("boxes contain NaN or inf")
+            bad = np.nonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0]
+            if bad.size:
+                raise ValueError(f"box {int(bad[0])} is not XYXY (x2 < x1 or y2 < y1): {boxes[bad[0]].tolist()}")
+            self.boxes = torch.as_tensor(boxes)
         if self.points is not None:
             pts = torch.as_tensor(np.asarray(self.points, dtype=np.float32))
             if pts.dim() == 2:  # one point per prompt
@@ -41,6 +50,10 @@ class Prompts:
             self.point_labels = torch.as_tensor(np.asarray(self.point_labels, dtype=np.int64)).reshape(
                 self.points.shape[0], self.points.shape[1]
             )
+            if not torch.isfinite(self.points).all():
+                raise ValueError("points contain NaN or inf")
+            if not torch.isin(self.point_labels, torch.tensor([-1, 0, 1])).all():
+                raise ValueError("point labels must be 1 (positive), 0 (negative) or -1 (padding)")
         if self.boxes is not None and self.points is not None and len(self.boxes) != len(self.points):
             raise ValueError(f"{len(self.boxes)} boxes but {len(self.points)} point sets")
 

@@ -79,15 +79,19 @@ def test_multilevel_roi_align_uses_aligned_roialign_per_level():
     assert roi_levels(rois).tolist() == [0, 2, 3, 1]  # every level is exercised
 
 
-def test_mask_boxes_match_torchvision():
+def test_mask_boxes_cover_whole_cells():
+    """Cells i..j of the low-res grid span [i, j + 1) (mmdet's mask2bbox), times the scale."""
     g = torch.Generator().manual_seed(0)
     logits = torch.full((4, 1, 32, 24), -1.0)  # not square: rows and columns cannot be swapped
-    logits[0, 0, 3:9, 5:20] = 1
+    logits[0, 0, 3:9, 5:20] = 1  # rows 3..8, columns 5..19
     logits[1, 0, 0:32, 23:24] = 1
-    logits[2, 0, 10, 10] = 1
+    logits[2, 0, 10, 10] = 1  # a single cell is a 4×4 box, not a point
     logits[3, 0] = torch.randn(32, 24, generator=g)
     boxes, nonempty = mask_boxes(logits, 4.0)
-    ref = masks_to_boxes(logits[:, 0] > 0) * 4
+    assert boxes[0].tolist() == [20.0, 12.0, 80.0, 36.0]
+    assert boxes[1].tolist() == [92.0, 0.0, 96.0, 128.0]
+    assert boxes[2].tolist() == [40.0, 40.0, 44.0, 44.0]
+    ref = (masks_to_boxes(logits[:, 0] > 0) + torch.tensor([0.0, 0.0, 1.0, 1.0])) * 4
     torch.testing.assert_close(boxes, ref)
     assert nonempty.all()
     empty_boxes, empty = mask_boxes(torch.full((1, 1, 8, 8), -1.0), 4.0)

@@ -80,3 +80,83 @@ def test_point_prompts_with_negative_clicks(images, tiny):
     assert out.masks.shape == (2, h, w)
     flipped = tiny.predict(images[:1], [Prompts(points=points, point_labels=[[1, 1], [1, 1]])])[0]
     assert not torch.equal(out.masks[0], flipped.masks[0]) or not torch.allclose(out.scores[0], flipped.scores[0])
+
+
+def test_seen_classes_come_from_the_training_vocabulary(tiny):
+    from ovsam_model.splits import COCO_BASE
+
+    seen = {tiny.class_names[i] for i in tiny.seen.nonzero().flatten().tolist()}
+    assert seen == set(COCO_BASE)
+
+
+def _decode_tiny(tiny, image, **prompts):
+    from ovsam_model.transforms import prepare_image
+
+    prepared = prepare_image(image)
+    with torch.no_grad():
+        feats = tiny.model.encode_images(prepared.pixels[None])
+        return tiny.model.decode(feats, 0, input_size=prepared.input_size, **prompts), prepared
+
+
+def test_empty_mask_falls_back_to_the_prompt_and_the_head_alone(images, tiny, monkeypatch):
+    """An empty mask: RoI on the prompt box (boxes) or a 32-px box on the click (points),
+    clamped to the image; the frozen-CLIP branch is switched off for that prompt."""
+    from ovsam_model.modeling import ovsam as ovsam_mod
+
+    real = tiny.model.head.decode
+
+    def empty_masks(*args, **kwargs):
+        masks, label = real(*args, **kwargs)
+        return torch.full_like(masks, -5.0), label
+
+    monkeypatch.setattr(tiny.model.head, "decode", empty_masks)
+    box = torch.tensor([[100.0, 120.0, 300.0, 260.0]])
+    out, _ = _decode_tiny(tiny, images[0], boxes=box)
+    assert not out.use_clip.any() and torch.equal(out.roi_boxes, box)
+    click = torch.tensor([[[5.0, 500.0]]])
+    out, prepared = _decode_tiny(tiny, images[0], points=click, point_labels=torch.tensor([[1]]))
+    h, w = prepared.input_size
+    assert out.roi_boxes[0].tolist() == [0.0, min(484.0, h), 21.0, min(516.0, h)]
+    assert ovsam_mod.fallback_boxes(None, click, torch.tensor([[1]]), (h, w))[0].tolist() == out.roi_boxes[0].tolist()
+    probs_all_head = tiny.predict(images[:1], [Prompts(boxes=box.numpy())])[0].scores
+    assert torch.isfinite(probs_all_head).all()
+
+
+def test_roi_box_follows_the_mask_or_the_prompt(images, tiny):
+    from ovsam_model.modeling.ovsam import mask_boxes
+
+    box = torch.tensor([[100.0, 120.0, 300.0, 260.0]])
+    out, _ = _decode_tiny(tiny, images[0], boxes=box)
+    expected, nonempty = mask_boxes(out.mask_logits, 4.0)
+    assert nonempty.all() and torch.equal(out.roi_boxes, expected)
+    cfg = tiny.model.cfg
+    tiny.model.cfg = cfg.with_(roi_box="prompt")
+    try:
+        out, _ = _decode_tiny(tiny, images[0], boxes=box)
+    finally:
+        tiny.model.cfg = cfg
+    assert torch.equal(out.roi_boxes, box)
+
+
+def test_bf16_autocast_keeps_prompt_encoding_and_rois_in_float32(images, tiny):
+    """Under autocast the prompt encoder and RoIAlign boxes stay float32 (CPU autocast stands in
+    for CUDA here): the masks of a bf16 run agree with float32."""
+    box = torch.tensor([[101.3, 119.7, 301.1, 262.9]])
+    from ovsam_model.transforms import prepare_image
+
+    prepared = prepare_image(images[0])
+    sparse, dense, pe = tiny.model.encode_prompts(box, None, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sparse16, dense16, pe16 = tiny.model.encode_prompts(box, None, None)
+    assert sparse16.dtype == torch.float32 and pe16.dtype == torch.float32
+    torch.testing.assert_close(sparse16, sparse)
+    torch.testing.assert_close(pe16, pe)
+    with torch.no_grad():
+        feats = tiny.model.encode_images(prepared.pixels[None])
+    from ovsam_model.modeling.clip2sam import multilevel_roi_align
+
+    rois = torch.cat([torch.zeros(1, 1), box], dim=1)
+    ref = multilevel_roi_align([f.float() for f in feats.fpn_feats], rois, 7)
+    low = multilevel_roi_align([f.to(torch.bfloat16) for f in feats.fpn_feats], rois, 7)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref, atol=0.05, rtol=0.05)

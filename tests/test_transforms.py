@@ -97,3 +97,10 @@ def test_fast_postprocess_keeps_geometry():
     cols = mask.any(dim=0).nonzero().flatten()
     assert abs(int(cols.max()) + 1 - original[1] // 2) <= 2
     assert mask[:, : original[1] // 2 - 2].all()
+
+
+def test_prepare_image_rejects_non_uint8():
+    with pytest.raises(ValueError, match="uint8"):
+        prepare_image(np.zeros((10, 12, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="HxWx3"):
+        prepare_image(np.zeros((10, 12), dtype=np.uint8))

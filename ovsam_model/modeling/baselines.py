@@ -18,11 +18,11 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torchvision.ops import roi_align
 
 from ..classify import class_logits, top_k
-from ..transforms import boxes_to_model, coords_to_model, masks_to_original_fast, prepare_image
+from ..transforms import binary_masks_to_original, boxes_to_model, coords_to_model, prepare_image
 from ..types import PreparedImage, Prediction, Prompts
 from ..vocab import Vocabulary
 from .clip_trunk import ClipTrunk
-from .ovsam import mask_boxes
+from .ovsam import fallback_boxes, mask_boxes
 
 BaselineMode = Literal["image-crop", "feature-crop"]
 
@@ -58,7 +58,7 @@ class SAMClipBaseline:
         device: str | torch.device = "cpu",
         box_chunk: int = 64,
         topk: int = 5,
-        clip_input_size: int = 384,
+        clip_input_size: Optional[int] = None,
         clip_roi_size: int = 12,
         logit_scale: float = 100.0,
     ) -> None:
@@ -74,7 +74,10 @@ class SAMClipBaseline:
         self.class_embeds = class_embeds.float().to(self.device)
         self.box_chunk = max(1, int(box_chunk))
         self.topk = topk
-        self.clip_input_size = clip_input_size
+        # CLIP's own input size (RN50x16: 384, ConvNeXt-L-320: 320) for the image-crop baseline
+        visual_size = getattr(clip.clip.visual, "image_size", 384)
+        visual_size = visual_size[0] if isinstance(visual_size, (tuple, list)) else visual_size
+        self.clip_input_size = int(clip_input_size or visual_size)
         self.clip_roi_size = clip_roi_size
         self.logit_scale = logit_scale
         self.weights_sha256: dict[str, str] = {}
@@ -121,8 +124,8 @@ class SAMClipBaseline:
                                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                            multimask_output=False)
         roi_boxes, nonempty = mask_boxes(low_res, self.image_size / low_res.shape[-1])
-        if boxes is not None:
-            roi_boxes = torch.where(nonempty[:, None], roi_boxes, boxes)
+        fallback = fallback_boxes(boxes, *(points or (None, None)), isz)
+        roi_boxes = torch.where(nonempty[:, None], roi_boxes, fallback)
         rois = torch.cat([roi_boxes.new_zeros(roi_boxes.shape[0], 1), roi_boxes], dim=1)
         if self.mode == "image-crop":
             region = self._image_crop_embed(pixels, low_res, rois)
@@ -130,8 +133,8 @@ class SAMClipBaseline:
             region = self.clip.region_embed(c5, rois, self.clip_roi_size)
         probs = class_logits(region.float(), self.class_embeds, self.logit_scale).softmax(dim=-1)
         labels, scores = top_k(probs, k)
-        masks = masks_to_original_fast(low_res.float(), isz, osz, self.image_size)[:, 0] > 0
-        return Prediction(masks=masks.cpu(), labels=labels[:, 0].cpu(), scores=scores[:, 0].cpu(),
+        masks = binary_masks_to_original(low_res, isz, osz, self.image_size)
+        return Prediction(masks=masks, labels=labels[:, 0].cpu(), scores=scores[:, 0].cpu(),
                           topk_labels=labels.cpu(), topk_scores=scores.cpu())
 
     def _image_crop_embed(self, pixels: torch.Tensor, low_res: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:

@@ -69,17 +69,18 @@ def multilevel_roi_align(
     """RoIAlign each RoI on the FPN level its scale selects (aligned=True, sampling_ratio=0).
 
     feats: FPN maps [B, C, H_l, W_l]; rois: [R, 5] (image index, XYXY in the model frame).
-    Returns [R, C, output_size, output_size].
+    Returns [R, C, output_size, output_size] float32.
 
     `torchvision.ops.MultiScaleRoIAlign` uses the same level rule but aligned=False, which
     is not what the released weights were trained with.
     """
+    rois = rois.float()  # box coordinates in bf16 would be off by up to 4 px at 1024
     levels = roi_levels(rois, finest_scale, len(feats))
-    out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], output_size, output_size)
+    out = rois.new_zeros(rois.shape[0], feats[0].shape[1], output_size, output_size)
     for level, (feat, stride) in enumerate(zip(feats, strides)):
         idx = torch.nonzero(levels == level).squeeze(1)
         if idx.numel() == 0:
             continue
-        out[idx] = roi_align(feat, rois[idx].to(feat.dtype), output_size, spatial_scale=1.0 / stride,
-                             sampling_ratio=0, aligned=True).to(out.dtype)
+        out[idx] = roi_align(feat.float(), rois[idx], output_size, spatial_scale=1.0 / stride,
+                             sampling_ratio=0, aligned=True)
     return out

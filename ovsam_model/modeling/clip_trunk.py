@@ -81,15 +81,18 @@ class ClipTrunk(nn.Module):
         c5: [B, C, S/32, S/32]; rois: [R, 5] (image index, XYXY in the model frame).
         Returns [R, D], not normalised.
         """
-        feats = roi_align(c5, rois.to(c5.dtype), output_size, spatial_scale=1 / 32, sampling_ratio=0, aligned=True)
+        feats = roi_align(c5.float(), rois.float(), output_size, spatial_scale=1 / 32, sampling_ratio=0, aligned=True)
+        feats = feats.to(c5.dtype)  # the head runs in the trunk's dtype (autocast decides)
         visual = self.clip.visual
         if self.is_resnet:
             return visual.attnpool(feats)
         return visual.head(visual.trunk.forward_head(feats, pre_logits=True))
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """[N] strings → [N, D] text embeddings (not normalised)."""
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """[N] strings → [N, D] text embeddings (not normalised), in batches (LVIS × 14 templates
+        is ~17k prompts: one batch would need tens of GB)."""
         device = next(self.clip.parameters()).device
-        tokens = self.tokenizer(texts).to(device)
-        return self.clip.encode_text(tokens).float()
+        out = [self.clip.encode_text(self.tokenizer(texts[s : s + batch_size]).to(device)).float()
+               for s in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)

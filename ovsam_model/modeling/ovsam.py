@@ -39,8 +39,8 @@ class DecodeOutput:
 def mask_boxes(mask_logits: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Boxes of (logits > 0) on the low-res grid, times `scale`, and a non-empty flag.
 
-    mask_logits: [N, 1, h, w] → boxes [N, 4] XYXY (min index, max index, as
-    `torchvision.ops.masks_to_boxes`), nonempty [N] bool. Empty masks get a zero box.
+    mask_logits: [N, 1, h, w] → boxes [N, 4] XYXY covering the occupied cells (cells i..j span
+    [i, j + 1), as mmdet's `mask2bbox`), nonempty [N] bool. Empty masks get a zero box.
     """
     fg = mask_logits[:, 0] > 0  # [N, h, w]
     xs_on, ys_on = fg.any(dim=1), fg.any(dim=2)  # [N, w] occupied columns, [N, h] occupied rows
@@ -52,7 +52,7 @@ def mask_boxes(mask_logits: torch.Tensor, scale: float) -> tuple[torch.Tensor, t
     x2 = torch.where(xs_on, xr, -1).max(dim=1).values
     y1 = torch.where(ys_on, yr, h).min(dim=1).values
     y2 = torch.where(ys_on, yr, -1).max(dim=1).values
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float() * scale
+    boxes = torch.stack([x1, y1, x2 + 1, y2 + 1], dim=1).float() * scale
     return torch.where(nonempty[:, None], boxes, torch.zeros_like(boxes)), nonempty
 
 
@@ -110,41 +110,55 @@ class OVSAM(nn.Module):
         boxes: Optional[torch.Tensor] = None,
         points: Optional[torch.Tensor] = None,
         point_labels: Optional[torch.Tensor] = None,
+        input_size: Optional[tuple[int, int]] = None,
     ) -> DecodeOutput:
-        """N prompts of one image, in the model frame (resized, before the +0.5 shift).
+        """N prompts of one image, in the model frame (resized, before SAM's +0.5 shift).
 
-        boxes: [N, 4] XYXY; points: [N, P, 2]; point_labels: [N, P] (1 positive, 0 negative).
+        boxes: [N, 4] XYXY; points: [N, P, 2]; point_labels: [N, P] (1 positive, 0 negative,
+        -1 padding). input_size: (h, w) of the resized image inside the padded square, to keep
+        fallback RoIs off the padding.
         """
-        pts = None if points is None else (points, point_labels)
-        sparse, dense = self.prompt_encoder(points=pts, boxes=boxes, masks=None)
         embedding = feats.embeddings[image_index : image_index + 1]
-        image_pe = self.prompt_encoder.get_dense_pe().to(embedding.dtype)
-        mask_logits, label_embed = self.head.decode(embedding, image_pe, sparse.to(embedding.dtype),
-                                                    dense.to(embedding.dtype))
+        sparse, dense, image_pe = self.encode_prompts(boxes, points, point_labels)
+        dtype = embedding.dtype
+        mask_logits, label_embed = self.head.decode(embedding, image_pe.to(dtype), sparse.to(dtype), dense.to(dtype))
         scale = self.cfg.image_size / mask_logits.shape[-1]
         roi_boxes, nonempty = mask_boxes(mask_logits, scale)
-        fallback = self._fallback_boxes(boxes, points, point_labels)
+        limit = input_size or (self.cfg.image_size, self.cfg.image_size)
         if boxes is not None and self.cfg.roi_box == "prompt":
-            roi_boxes = boxes.to(roi_boxes.dtype)
+            roi_boxes = boxes.float()
         else:
-            roi_boxes = torch.where(nonempty[:, None], roi_boxes, fallback.to(roi_boxes.dtype))
-        rois = torch.cat([roi_boxes.new_full((roi_boxes.shape[0], 1), image_index), roi_boxes], dim=1)
+            roi_boxes = torch.where(nonempty[:, None], roi_boxes, fallback_boxes(boxes, points, point_labels, limit))
+        rois = torch.cat([roi_boxes.new_zeros(roi_boxes.shape[0], 1), roi_boxes], dim=1)  # index 0: one image
         fpn = [f[image_index : image_index + 1] for f in feats.fpn_feats]
-        rois_local = rois.clone()
-        rois_local[:, 0] = 0
-        roi_feats = multilevel_roi_align(fpn, rois_local, self.cfg.roi_size, finest_scale=self.cfg.finest_scale)
-        region = self.head.region_embed(roi_feats, label_embed)
+        roi_feats = multilevel_roi_align(fpn, rois, self.cfg.roi_size, finest_scale=self.cfg.finest_scale)
+        region = self.head.region_embed(roi_feats.to(dtype), label_embed)
         c5 = feats.clip_feats[3][image_index : image_index + 1]
-        clip_region = self.trunk.region_embed(c5, rois_local, self.cfg.clip_roi_size)
+        clip_region = self.trunk.region_embed(c5, rois, self.cfg.clip_roi_size)
         return DecodeOutput(mask_logits=mask_logits, region_embeds=region.float(), clip_embeds=clip_region.float(),
                             use_clip=nonempty, roi_boxes=roi_boxes)
 
-    def _fallback_boxes(self, boxes: Optional[torch.Tensor], points: Optional[torch.Tensor],
-                        point_labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """RoI box when the mask is empty: the prompt box, else a 32-px box on the first positive click."""
-        if boxes is not None:
-            return boxes
-        assert points is not None and point_labels is not None
-        first_pos = (point_labels > 0).float().argmax(dim=1)
-        centre = points[torch.arange(points.shape[0], device=points.device), first_pos]
-        return torch.cat([centre - 16, centre + 16], dim=1).clamp(0, self.cfg.image_size)
+    def encode_prompts(self, boxes: Optional[torch.Tensor], points: Optional[torch.Tensor],
+                       point_labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SAM's prompt encoder in float32 even under autocast: its random-Fourier features of
+        pixel coordinates lose up to ~0.1 in bf16. Returns (sparse, dense, dense positional map)."""
+        device_type = self.prompt_encoder.no_mask_embed.weight.device.type
+        with torch.autocast(device_type, enabled=False):
+            pts = None if points is None else (points.float(), point_labels)
+            sparse, dense = self.prompt_encoder(points=pts, boxes=None if boxes is None else boxes.float(), masks=None)
+            return sparse, dense, self.prompt_encoder.get_dense_pe()
+
+
+def fallback_boxes(boxes: Optional[torch.Tensor], points: Optional[torch.Tensor],
+                   point_labels: Optional[torch.Tensor], limit: tuple[int, int]) -> torch.Tensor:
+    """RoI boxes for empty masks: the prompt box, else a 32-px box on the first positive click,
+    clamped to `limit` = (h, w) of the image in the model frame. [N, 4] float32."""
+    if boxes is not None:
+        return boxes.float()
+    if points is None or point_labels is None:
+        raise ValueError("a prompt needs a box or points")
+    first_pos = (point_labels > 0).float().argmax(dim=1)
+    centre = points[torch.arange(points.shape[0], device=points.device), first_pos].float()
+    box = torch.cat([centre - 16, centre + 16], dim=1)
+    upper = box.new_tensor([limit[1], limit[0], limit[1], limit[0]])
+    return torch.minimum(box.clamp(min=0), upper)
