@@ -22,7 +22,7 @@ from .modeling.ovsam import OVSAM
 from .predictor import OVSAMPredictor
 from .registry import ModelSpec, get_spec, with_sam_variant
 from .types import Predictor
-from .vocab import load_vocabulary, seen_mask, text_embeddings
+from .vocab import Vocabulary, load_vocabulary, seen_mask, text_embeddings
 
 
 def resolve_spec(name_or_spec: Union[str, ModelSpec]) -> ModelSpec:
@@ -80,7 +80,7 @@ def _build_sam(spec: ModelSpec, weights: Mapping[str, Union[str, Path]]) -> torc
 def build_predictor(
     name: Union[str, ModelSpec],
     *,
-    vocab: Optional[str] = None,
+    vocab: Optional[Union[str, Vocabulary]] = None,
     names_file: Optional[Path] = None,
     device: Union[str, torch.device] = "cpu",
     random_weights: bool = False,
@@ -121,20 +121,27 @@ def build_predictor(
     clip_identity = None
     if clip_arg is not None:
         clip_identity = f"sha256:{sha256_of(Path(clip_weights))}" if clip_weights else spec.clip_pretrained
-    vocabulary = load_vocabulary(vocab or spec.vocabulary, names_file=names_file)
+    if isinstance(vocab, Vocabulary):
+        vocabulary = vocab
+    else:
+        vocabulary = load_vocabulary(vocab or spec.vocabulary, names_file=names_file)
     cache = resolve_cache_dir(cache_dir)
 
     if spec.kind == "ovsam":
-        model, payloads = _build_ovsam(spec, paths, clip_arg, clip_cache_dir(cache_dir))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random-weight parts (tiny, tests) are the same in every run
+            model, payloads = _build_ovsam(spec, paths, clip_arg, clip_cache_dir(cache_dir))
         model.trunk.weights_tag = clip_identity
         model.to(device)  # before the text tower encodes the vocabulary
-        if vocab is None and "text_embeddings" in payloads:
-            vocabulary.embeddings = payloads["text_embeddings"].float()
+        if "text_embeddings" in payloads and vocabulary.name == spec.vocabulary and vocabulary.embeddings is None:
+            vocabulary.embeddings = payloads["text_embeddings"].float()  # the demo's LVIS embeddings
         encoder = model.trunk
     else:
-        sam = _build_sam(spec, paths)
-        encoder = ClipTrunk(spec.config.clip, pretrained=clip_arg, cache_dir=str(clip_cache_dir(cache_dir)),
-                            quick_gelu=spec.clip_quick_gelu and clip_arg is not None).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            sam = _build_sam(spec, paths)
+            encoder = ClipTrunk(spec.config.clip, pretrained=clip_arg, cache_dir=str(clip_cache_dir(cache_dir)),
+                                quick_gelu=spec.clip_quick_gelu and clip_arg is not None).to(device)
         encoder.weights_tag = clip_identity
     class_embeds = text_embeddings(vocabulary, encoder, cache_dir=cache)
     hashes = {c: sha256_of(p) for c, p in paths.items()} if not random_weights else {}

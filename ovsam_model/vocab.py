@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -160,6 +160,32 @@ def _builtin(spec: str) -> Vocabulary:
     if spec == "lvis-base":
         return _lvis_vocab(spec, with_synonyms=False, base_only=True)
     raise ValueError(SPEC_HELP)
+
+
+def vocabulary_from_categories(categories: Sequence[Mapping], name: str = "dataset") -> Vocabulary:
+    """A dataset's own category list ({"id", "name", ...}) as the vocabulary.
+
+    When the list is exactly the COCO 80 or the LVIS 1203 (same ids and names), the built-in
+    vocabulary is returned (so a model's precomputed LVIS embeddings still apply); otherwise
+    each name is split with the §4 rule and keeps its dataset id.
+    """
+    pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
+    if not pairs:
+        raise ValueError(f"{name}: the category list is empty")
+    for builtin in ("coco", "lvis"):
+        if pairs == [(int(c["id"]), c["name"]) for c in _categories(builtin)]:
+            return _builtin(builtin)
+    synonyms = [split_synonyms(n) or [n.strip().lower()] for _, n in pairs]
+    return Vocabulary(name=name, class_names=[n for _, n in pairs], synonyms=synonyms,
+                      category_ids=[i for i, _ in pairs])
+
+
+def mismatched_categories(vocab: Vocabulary, categories: Sequence[Mapping]) -> list[str]:
+    """Vocabulary classes whose id is missing from `categories` or names another class there
+    (e.g. COCO ids written into an LVIS dataset). Empty when every id means the same class."""
+    names = {int(c["id"]): split_synonyms(str(c["name"])) for c in categories}
+    return [f"{cid} ({cname})" for cid, cname in zip(vocab.category_ids, vocab.class_names)
+            if cid not in names or not set(names[cid]) & set(split_synonyms(cname))]
 
 
 # ---------------------------------------------------------------- files

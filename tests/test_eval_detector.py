@@ -240,3 +240,16 @@ def test_lvis_requires_lvis_fields():
     gt = json.loads(MINI.read_text())
     with pytest.raises(ValueError, match="frequency"):
         evaluate_detections(gt, [], dataset="lvis")
+
+
+def test_predictions_as_json_lines(tmp_path):
+    from ovsam_model.eval.detector import load_predictions
+
+    recs = [{"image_id": 1, "category_id": 2, "score": 0.5, "bbox": [0, 0, 1, 1]},
+            {"image_id": 3, "category_id": 4, "score": 0.25, "bbox": [1, 1, 2, 2]}]
+    path = tmp_path / "preds.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert load_predictions(path) == recs
+    path.write_text(json.dumps(recs[0]) + "\n{broken\n")
+    with pytest.raises(ValueError, match="line 2"):
+        load_predictions(path)

@@ -157,3 +157,26 @@ def test_box_prompts_are_xyxy():
     p = prompts_for(kept.by_image[1])
     assert p.boxes.tolist() == [[10, 20, 40, 60]] and p.points is None
     assert not math.isnan(kept.by_image[2][0].score)
+
+
+def test_a_dataset_json_given_as_boxes_says_so(data_dir, tmp_path):
+    """The likeliest mix-up: the one-line COCO dataset JSON passed as --boxes."""
+    from ovsam_model.io.detections import InputError, read_box_records
+
+    ann = data_dir / "coco-val2017-mini" / "instances.json"
+    with pytest.raises(InputError, match="dataset JSON"):
+        read_box_records(ann)
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(json.loads(ann.read_text()), indent=1))
+    with pytest.raises(InputError, match="dataset JSON"):
+        read_box_records(pretty)
+
+
+def test_unreadable_pth_gives_no_unsafe_advice(tmp_path):
+    from ovsam_model.io.detections import InputError, read_box_records
+
+    bad = tmp_path / "x.pth"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(InputError) as info:
+        read_box_records(bad)
+    assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)

@@ -179,3 +179,18 @@ def test_loader_marks_bad_images(tmp_path):
     items = [it for b in batches for it in b]
     assert items[0].prepared.pixels[0, 0, 0] == 255 and items[0].prepared.original_size == (20, 30)
     assert [it.reason for it in items] == [None, SkipReason.IMAGE_UNREADABLE, SkipReason.IMAGE_UNREADABLE, SkipReason.IMAGE_SIZE_MISMATCH]
+
+
+def test_rle_area_and_bbox_for_300_masks():
+    """300 masks per image (the default --max-dets): pycocotools' list call overflows at 256."""
+    import torch
+    from pycocotools import mask as mask_utils
+
+    from ovsam_model.io.masks import encode_rle, rle_area, rle_bbox
+
+    masks = torch.zeros(300, 20, 30, dtype=torch.bool)
+    for i in range(300):
+        masks[i, i % 20 :, : 1 + i % 30] = True
+    rles = encode_rle(masks)
+    assert rle_area(rles) == masks.flatten(1).sum(1).tolist()
+    assert rle_bbox(rles)[7] == [float(v) for v in mask_utils.toBbox(rles[7])]

@@ -282,3 +282,17 @@ def test_precomputed_embeddings_dimension_check(tmp_path: Path) -> None:
         V.text_embeddings(vocab, tiny_open_clip())
     with pytest.raises(ValueError, match="no text encoder"):
         V.text_embeddings(V.load_vocabulary("coco"), None)
+
+
+def test_vocabulary_from_dataset_categories(data_dir):
+    from ovsam_model.vocab import coco_categories, load_vocabulary, mismatched_categories, vocabulary_from_categories
+
+    cats = json.loads((data_dir / "coco-val2017-mini" / "instances.json").read_text())["categories"]
+    coco = vocabulary_from_categories(cats)
+    assert coco.name == "coco" and coco.category_ids == [c["id"] for c in coco_categories()]
+    custom = vocabulary_from_categories([{"id": 7, "name": "traffic_cone"}, {"id": 3, "name": "Forklift"}])
+    assert custom.category_ids == [3, 7] and custom.synonyms == [["forklift"], ["traffic cone"]]
+    assert mismatched_categories(coco, cats) == []
+    lvis = load_vocabulary("lvis")
+    bad = mismatched_categories(lvis, cats)  # LVIS ids written into a COCO dataset
+    assert len(bad) > 1000 and bad[0].startswith("1 (")

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import io
 import logging
+import json
 import os
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -48,9 +49,10 @@ def load_ground_truth(gt: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
 
 
 def load_predictions(predictions: str | os.PathLike | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """A COCO results array from a path or a list; a dataset JSON's `annotations` is accepted too."""
+    """A COCO results array (JSON array or JSON Lines) from a path, or a list; a dataset JSON's
+    `annotations` is accepted too."""
     data = predictions if isinstance(predictions, Sequence) and not isinstance(predictions, (str, bytes)) \
-        else read_json(predictions, "prediction file")
+        else _read_json_or_lines(predictions)
     if isinstance(data, Mapping) and isinstance(data.get("annotations"), list):
         data = data["annotations"]
     if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
@@ -62,6 +64,24 @@ def load_predictions(predictions: str | os.PathLike | Sequence[Mapping[str, Any]
         if missing:
             raise ValueError(f"prediction #{i} lacks {', '.join(missing)}")
     return list(data)  # type: ignore[arg-type]
+
+
+def _read_json_or_lines(path: str | os.PathLike) -> Any:
+    """A JSON document, or JSON Lines of records (what `ovsam label --boxes` accepts too)."""
+    try:
+        return read_json(path, "prediction file")
+    except ValueError as whole_error:
+        if "Extra data" not in str(whole_error):
+            raise
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"prediction file {path}: line {lineno} is not valid JSON: {e.msg}") from None
+        return records
 
 
 def _first_few(values: Iterable[Any], n: int = 5) -> str:

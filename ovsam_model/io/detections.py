@@ -127,6 +127,9 @@ def _parse_json_documents(text: str, name: str) -> list[tuple[Any, str]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if not out and line.lstrip().startswith("{") and _is_dataset_json(line):
+            raise InputError(f"{name}: a COCO/LVIS dataset JSON (images, annotations), not detections; "
+                             f"give it as --ann and the detector's results array as --boxes")
         try:
             out.append((json.loads(line), f"record {len(out)} (line {lineno})"))
         except json.JSONDecodeError as exc:
@@ -135,12 +138,24 @@ def _parse_json_documents(text: str, name: str) -> list[tuple[Any, str]]:
                     whole = json.loads(text)
                 except json.JSONDecodeError:
                     whole = None
+                if isinstance(whole, dict) and {"images", "annotations"} <= whole.keys():
+                    raise InputError(f"{name}: a COCO/LVIS dataset JSON (images, annotations), not detections; "
+                                     f"give it as --ann and the detector's results array as --boxes") from None
                 if isinstance(whole, dict):
                     raise InputError(
                         f"{name}: a JSON object, expected a JSON array or JSON Lines of detection records"
                     ) from None
             raise InputError(f"{name}: malformed JSON at line {lineno} column {exc.colno}: {exc.msg}") from None
     return out
+
+
+def _is_dataset_json(line: str) -> bool:
+    """A one-line JSON object with `images` and `annotations`: a dataset, not a detection."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and {"images", "annotations"} <= obj.keys()
 
 
 def _number(rec: Mapping, key: str, where: str, name: str) -> float:
@@ -212,7 +227,9 @@ def _read_detectron2_pth(path: Path, require_category: bool) -> list[RawRecord]:
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except Exception as exc:  # torch raises many types for a bad pickle
-        raise InputError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        # torch's own message suggests weights_only=False: unsafe advice for an untrusted file
+        raise InputError(f"{path}: not a readable torch file of detections (loaded safely, weights_only=True; "
+                         f"{type(exc).__name__})") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a list of {{image_id, instances}} (detectron2 layout), got {type(data).__name__}")
     out: list[RawRecord] = []

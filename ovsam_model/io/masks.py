@@ -33,8 +33,12 @@ def encode_rle(masks: torch.Tensor) -> list[dict]:
 
 
 def rle_area(rles: list[dict]) -> list[int]:
-    """Pixel count of each RLE."""
-    return [int(a) for a in mask_utils.area(rles)] if rles else []
+    """Pixel count of each RLE.
+
+    One RLE per call: pycocotools 2.0.11 under NumPy 2 overflows on a list of 256 or more RLEs
+    (`Python integer 256 out of bounds for uint8`), and 300 masks per image is the default.
+    """
+    return [int(mask_utils.area(rle)) for rle in rles]
 
 
 def rle_bbox(rles: list[dict]) -> list[list[float]]:
