@@ -47,6 +47,8 @@ class OVSAMPredictor:
         if mask_postprocess not in ("fast", "exact"):
             raise ValueError("mask_postprocess must be 'fast' or 'exact'")
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the input is always the same padded square
         self.model = model.to(self.device).eval()
         self.vocabulary = vocabulary
         self.class_names = list(vocabulary.class_names)

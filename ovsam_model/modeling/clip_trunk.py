@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import open_clip
@@ -9,6 +10,7 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 from torchvision.ops import roi_align
+from tqdm import tqdm
 
 from ..config import ClipConfig
 
@@ -93,6 +95,8 @@ class ClipTrunk(nn.Module):
         """[N] strings → [N, D] text embeddings (not normalised), in batches (LVIS × 14 templates
         is ~17k prompts: one batch would need tens of GB)."""
         device = next(self.clip.parameters()).device
+        starts = range(0, len(texts), batch_size)
         out = [self.clip.encode_text(self.tokenizer(texts[s : s + batch_size]).to(device)).float()
-               for s in range(0, len(texts), batch_size)]
+               for s in tqdm(starts, desc="text embeddings", unit="batch", file=sys.stderr, leave=False,
+                             disable=len(starts) < 8)]  # a bar only for long vocabularies (LVIS: ~66 batches)
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
