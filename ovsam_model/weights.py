@@ -10,6 +10,7 @@ All network access goes through `_open_url` (tests replace it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import logging
@@ -60,6 +61,14 @@ def _open_url(url: str):
 
 
 def sha256_of(path: Path) -> str:
+    """sha256 of a file; remembered per (path, size, mtime) so verifying a cache hit and
+    reporting the weights' hashes read a 0.5 GB file once per process."""
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
