@@ -7,6 +7,8 @@ way in `label`, `eval` and `weights`.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -34,6 +36,25 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+# A reader that closed the pipe early (`ovsam label --out - | head`) is not an error: like a
+# program killed by SIGPIPE (what the shell reports for `cat big | head`), we exit quietly with
+# 128 + SIGPIPE = 141, so `set -o pipefail` scripts see the same status as with standard tools.
+SIGPIPE_EXIT = 141
+
+
+def exit_broken_pipe() -> NoReturn:
+    """Exit quietly with `SIGPIPE_EXIT` after stdout's reader went away. stdout is pointed at
+    /dev/null first, so the interpreter's final flush cannot fail again ("Exception ignored ...
+    BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner's buffer)
+        pass
+    raise typer.Exit(SIGPIPE_EXIT)
+
+
 def info(message: str, quiet: bool = False) -> None:
     """A progress/status line for humans (stderr), silenced by --quiet."""
     if not quiet:
@@ -51,7 +72,7 @@ def user_errors(code: int = 2, also: tuple[type[BaseException], ...] = (), prefi
     """Turn expected failures into one-line `fail` messages, not tracebacks: `CliError`, the
     library's input/weights/model errors, missing or unreadable files, bad option values, and the
     exception types in `also` (e.g. ValueError from the evaluators). `prefix` starts the message
-    (e.g. which process failed)."""
+    (e.g. which process failed). A closed stdout pipe exits quietly (`exit_broken_pipe`)."""
     from ovsam_model.checkpoint import CheckpointError
     from ovsam_model.io.detections import InputError
     from ovsam_model.registry import UnknownModelError
@@ -63,6 +84,8 @@ def user_errors(code: int = 2, also: tuple[type[BaseException], ...] = (), prefi
         fail(prefix + first_line(e), e.code)
     except (WeightsError, CheckpointError, UnknownModelError, InputError, *also) as e:
         fail(prefix + first_line(e), code)
+    except BrokenPipeError:
+        exit_broken_pipe()
     except FileNotFoundError as e:
         fail(prefix + (f"file not found: {e.filename}" if e.filename else first_line(e)), code)
     except OSError as e:  # permissions, full disk: the user's to fix, not a traceback
@@ -167,7 +190,7 @@ DeviceOpt = Annotated[
 ]
 VocabOpt = Annotated[
     Optional[str],
-    typer.Option("--vocab", help="Class vocabulary: coco, lvis, lvis-synonyms, coco-ov, coco-base, lvis-base, a names file (.txt: one class per line, synonyms separated by commas), or embeddings (.npy / .pth, names from --vocab-names); default: the model's own."),
+    typer.Option("--vocab", help="Class vocabulary: coco, lvis, lvis-synonyms, coco-ov, coco-base, lvis-base, a names file (.txt: one class per line, synonyms separated by commas), or embeddings (.npy / .pth, names from --vocab-names). Default: the categories of --ann (label, with --label-source ovsam) or of the ground truth (eval --protocol prompt), so that ids mean the same classes; else the model's own."),
 ]
 VocabNamesOpt = Annotated[
     Optional[Path],

@@ -59,10 +59,13 @@ from ovsam_model.io.writers import (
     part_path,
     read_done,
     read_part,
+    skipped_entry,
     write_json_atomic,
     write_json_stream,
 )
 from ovsam_model.types import Predictor
+from ovsam_model.vocab import Vocabulary, mismatched_categories, vocabulary_from_categories
+from ovsam_model.weights import sha256_of
 
 RANK_WAIT_S = float(os.environ.get("OVSAM_RANK_WAIT_S", 24 * 3600))
 
@@ -75,6 +78,11 @@ class LabelSource(str, Enum):
 class OutputFormat(str, Enum):
     results = "results"
     dataset = "dataset"
+
+
+class RoiBox(str, Enum):
+    mask = "mask"
+    prompt = "prompt"
 
 
 @dataclass
@@ -102,6 +110,7 @@ class LabelJob:
     workers: int
     quiet: bool
     topk: int
+    roi_box: str = RoiBox.mask.value
     weights: dict[str, Any] = field(default_factory=dict)  # `common.weight_options`: where the weights come from
 
 
@@ -113,21 +122,75 @@ class RankStats:
     skipped: Counter = field(default_factory=Counter)
 
 
-def load_predictor(job: LabelJob, device: str) -> Predictor:
-    """The model of `job` on `device` (a seam for tests)."""
+def load_predictor(job: LabelJob, device: str, vocabulary: "str | Vocabulary | None" = None) -> Predictor:
+    """The model of `job` on `device` with `vocabulary` (`_vocabulary`'s choice; None: the
+    model's default). A seam for tests."""
     from ovsam_model.builder import build_predictor
 
-    return build_predictor(job.model, vocab=job.vocab, names_file=job.vocab_names, device=device, box_chunk=job.box_batch, amp=job.amp,
-                           topk=job.topk, **job.weights)
+    return build_predictor(job.model, vocab=vocabulary, names_file=job.vocab_names, device=device, box_chunk=job.box_batch,
+                           amp=job.amp, topk=job.topk, roi_box=job.roi_box, **job.weights)
 
 
-def _fingerprint(job: LabelJob, prompts: PromptSet) -> str:
-    """What the part files' contents depend on: the model options and the kept prompts."""
+def _vocabulary(job: LabelJob, source: ImageSource) -> tuple["str | Vocabulary | None", str]:
+    """(the vocabulary to build with, where it comes from, for humans).
+
+    --vocab wins; else, with --label-source ovsam and an --ann category list, the dataset's own
+    categories (the built-in coco / lvis vocabulary when the list is exactly that), so that the
+    output ids mean what they mean in --ann; else the model's default.
+    """
+    if job.vocab is not None:
+        return job.vocab, f"--vocab {job.vocab}"
+    if job.label_source == LabelSource.ovsam.value and source.categories:
+        return vocabulary_from_categories(source.categories, name=f"--ann {Path(job.ann or '').name}"), \
+            f"the categories of --ann {job.ann}"
+    return None, "the model's default"
+
+
+def _file_sha256(value: "str | Path | None") -> Optional[str]:
+    """sha256 of `value` when it names a file (a --vocab names/embeddings file), else None."""
+    if value is None or not Path(value).is_file():
+        return None
+    return sha256_of(Path(value))
+
+
+def _fingerprint(job: LabelJob, prompts: PromptSet, predictor: Predictor) -> str:
+    """What the part files' contents depend on: the model options, the weights actually loaded,
+    the vocabulary (file contents, category ids and names) and the kept prompts."""
     h = hashlib.sha256()
-    options = {k: str(v) for k, v in asdict(job).items() if k in ("model", "vocab", "vocab_names", "label_source", "polygons", "topk", "amp")}
+    keys = ("model", "vocab", "vocab_names", "label_source", "polygons", "topk", "amp", "roi_box")
+    options: dict[str, Any] = {k: str(v) for k, v in asdict(job).items() if k in keys}
+    options["weights_sha256"] = dict(sorted((getattr(predictor, "weights_sha256", None) or {}).items()))
+    options["vocab_sha256"] = _file_sha256(job.vocab)
+    options["vocab_names_sha256"] = _file_sha256(job.vocab_names)
+    options["categories"] = [[int(i), str(n)] for i, n in zip(predictor.category_ids, predictor.class_names)]
     h.update(json.dumps(options, sort_keys=True).encode())
     h.update(json.dumps({k: [list(map(str, asdict(p).values())) for p in v] for k, v in sorted(prompts.by_image.items())}).encode())
     return h.hexdigest()[:32]
+
+
+def _image_ids(job: LabelJob, records: Sequence[RawRecord], prompts: PromptSet, source: ImageSource) -> list[int]:
+    """The images this run goes through, sorted: those with kept prompts; for --format dataset
+    also every readable image that had input records, all filtered out (listed with no
+    annotations)."""
+    ids = set(prompts.by_image)
+    if job.fmt == OutputFormat.dataset.value:
+        ids |= {i for i in {r.image_id for r in records} - ids if source.get(i) is not None}
+    return sorted(ids)
+
+
+def _report_vocabulary(job: LabelJob, source: ImageSource, predictor: Predictor, origin: str) -> None:
+    """Say on stderr which vocabulary labels the masks; warn (one line) when a --vocab's ids
+    would mean other classes in --ann."""
+    info(f"vocabulary: {getattr(getattr(predictor, 'vocabulary', None), 'name', '?')} "
+         f"({len(predictor.category_ids)} classes) from {origin}", job.quiet)
+    if job.vocab is None or not source.categories or job.quiet:
+        return
+    bad = mismatched_categories(predictor, source.categories)  # type: ignore[arg-type]  # needs only ids and names
+    if bad:
+        err_console.print(
+            f"warning: {len(bad)} of {len(predictor.category_ids)} --vocab classes have ids that --ann lacks or "
+            f"uses for other classes (e.g. {', '.join(bad[:3])}); output category ids follow --vocab",
+            style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 def _categories(job: LabelJob, source: ImageSource, predictor: Predictor) -> list[dict]:
@@ -156,7 +219,7 @@ def _progress(show: bool) -> Progress:
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("images · {task.fields[boxes]} boxes · {task.fields[rate]} images/s"),
+        TextColumn("images · {task.fields[prompts]} prompts · {task.fields[rate]} images/s"),
         TimeElapsedColumn(),
         console=err_console,
         disable=not show,
@@ -164,18 +227,26 @@ def _progress(show: bool) -> Progress:
     )
 
 
-def run_rank(job: LabelJob, rank: int, world: int, device: str) -> tuple[RankStats, list[dict], PromptSet, Predictor, ImageSource, str]:
-    """Label this rank's share of the images (every `world`-th image id, sorted by id).
+def run_rank(
+    job: LabelJob, rank: int, world: int, device: str
+) -> tuple[RankStats, list[dict], PromptSet, Predictor, ImageSource, str, list[int]]:
+    """Label this rank's share of the images (every `world`-th id of `_image_ids`).
 
-    Finished images go to this rank's part file (or are returned in memory for stdout output).
+    Finished images go to this rank's part file (or are returned in memory for stdout output);
+    an image that cannot be read is finished too, as a `skipped_entry`. Returns the stats, the
+    in-memory entries, the prompts, the predictor, the image source, the resume fingerprint and
+    the ids of every rank's images.
     """
     source = load_image_source(job.images, job.ann)
     records = _read_records(job)
     _check_ann_covers(records, source, job.ann)
     try:
-        predictor = load_predictor(job, device)
+        vocabulary, origin = _vocabulary(job, source)
+        predictor = load_predictor(job, device, vocabulary)
     except ValueError as exc:  # an unknown vocabulary or model variant
         raise CliError(first_line(exc)) from None
+    if rank == 0:
+        _report_vocabulary(job, source, predictor, origin)
     mapping = source.category_ids if source.category_ids is not None else list(predictor.category_ids)
     check = source.categories is not None or job.label_source == LabelSource.detector.value
     prompts = select_prompts(
@@ -187,8 +258,9 @@ def run_rank(job: LabelJob, rank: int, world: int, device: str) -> tuple[RankSta
         score_thr=job.score_thr,
         max_dets=job.max_dets,
     )
-    fingerprint = _fingerprint(job, prompts)
-    mine = sorted(prompts.by_image)[rank::world]
+    fingerprint = _fingerprint(job, prompts, predictor)
+    image_ids = _image_ids(job, records, prompts, source)
+    mine = image_ids[rank::world]
     stats = RankStats()
     entries: list[dict] = []
     writer: Optional[PartWriter] = None
@@ -199,23 +271,33 @@ def run_rank(job: LabelJob, rank: int, world: int, device: str) -> tuple[RankSta
             done = {**read_done(Path(job.out), fingerprint), **writer.done}
     todo = [source.get(i) for i in mine if i not in done]
     stats.resumed = len(mine) - len(todo)
+    for i in mine:  # images skipped before an interruption still count in the summary
+        if i in done and done[i].get("skipped"):
+            stats.skipped[done[i]["skipped"]] += len(prompts.by_image.get(i, ()))
     categories = list(predictor.category_ids)
     started = time.monotonic()
     try:
         with _progress(not job.quiet and rank == 0) as progress:
-            task = progress.add_task("labeling", total=len(todo), boxes=0, rate="0.0")
+            task = progress.add_task("labeling", total=len(todo), prompts=0, rate="0.0")
             loader = make_loader(todo, predictor.prepare, batch_size=job.batch_size, workers=job.workers)
             for batch in loader:
-                ok = [item for item in batch if item.prepared is not None]
+                new: list[dict] = []
+                ok, batch_prompts = [], []
                 for item in batch:
-                    if item.prepared is None:
-                        n = len(prompts.by_image[item.record.id])
-                        stats.skipped[item.reason] += n
+                    kept = prompts.by_image.get(item.record.id, [])
+                    if item.prepared is None:  # done, without records: merge and --resume go on
+                        stats.skipped[item.reason] += len(kept)
+                        new.append(skipped_entry(item.record, item.reason or item.error or "unreadable"))
                         if not job.quiet:
-                            progress.console.print(f"[yellow]warning:[/] image {item.record.id} ({escape(str(item.record.path))}): {escape(item.error or '')}; {n} prompts skipped")
-                batch_prompts = [prompts.by_image[item.record.id] for item in ok]
+                            what = f"{len(kept)} prompts skipped" if kept else "left out of the dataset's images"
+                            progress.console.print(f"[yellow]warning:[/] image {item.record.id} ({escape(str(item.record.path))}): {escape(item.error or '')}; {what}")
+                    elif not kept:  # --format dataset: listed with no annotations
+                        new.append({"image": image_entry(item.record), "records": []})
+                        stats.images += 1
+                    else:
+                        ok.append(item)
+                        batch_prompts.append(kept)
                 predictions = predictor.predict_prepared([item.prepared for item in ok], [prompts_for(p) for p in batch_prompts]) if ok else []
-                new = []
                 for item, kept, prediction in zip(ok, batch_prompts, predictions):
                     recs = build_records(
                         item.record, kept, prediction, category_ids=categories, label_source=job.label_source, polygons=job.polygons
@@ -228,13 +310,13 @@ def run_rank(job: LabelJob, rank: int, world: int, device: str) -> tuple[RankSta
                 else:
                     entries.extend(new)
                 elapsed = max(time.monotonic() - started, 1e-9)
-                progress.update(task, advance=len(batch), boxes=stats.prompts, rate=f"{stats.images / elapsed:.1f}")
+                progress.update(task, advance=len(batch), prompts=stats.prompts, rate=f"{stats.images / elapsed:.1f}")
         if writer is not None:
             writer.finish(world)
     finally:
         if writer is not None:
             writer.close()
-    return stats, entries, prompts, predictor, source, fingerprint
+    return stats, entries, prompts, predictor, source, fingerprint, image_ids
 
 
 def _wait_for_ranks(out: Path, world: int) -> None:
@@ -255,7 +337,7 @@ def merge_output(job: LabelJob, fingerprint: str, categories: list[dict], expect
     missing = [i for i in expected if i not in done]
     if missing:
         raise CliError(f"part files lack {len(missing)} images (e.g. image_id {missing[0]}); rerun with --resume")
-    obj = assemble(done.values(), fmt=job.fmt, categories=categories)
+    obj = assemble([done[i] for i in expected], fmt=job.fmt, categories=categories)
     write_json_atomic(out, obj)
     for path in all_part_paths(out):
         path.unlink()
@@ -278,7 +360,7 @@ def _summary(stats: RankStats, prompts: PromptSet, records: int, elapsed: float,
 
 
 def _run_and_merge(job: LabelJob, rank: int, world: int, device: str, started: float) -> None:
-    stats, entries, prompts, predictor, source, fingerprint = run_rank(job, rank, world, device)
+    stats, entries, prompts, predictor, source, fingerprint, image_ids = run_rank(job, rank, world, device)
     if rank != 0:
         return
     categories = _categories(job, source, predictor)
@@ -289,7 +371,7 @@ def _run_and_merge(job: LabelJob, rank: int, world: int, device: str, started: f
     else:
         if world > 1:
             _wait_for_ranks(Path(job.out), world)
-        n = merge_output(job, fingerprint, categories, sorted(prompts.by_image))
+        n = merge_output(job, fingerprint, categories, image_ids)
     if not job.quiet:
         _summary(stats, prompts, n, time.monotonic() - started, world)
 
@@ -387,11 +469,20 @@ def label(
         OutputFormat,
         typer.Option("--format", help="results: COCO results array (loadRes / LVISResults). dataset: COCO dataset JSON (images, categories, annotations)."),
     ] = OutputFormat.results,
-    polygons: Annotated[bool, typer.Option("--polygons", help="Write polygons instead of RLE (Label Studio, CVAT); loadRes needs RLE.")] = False,
+    polygons: Annotated[
+        bool,
+        typer.Option("--polygons", help="Write polygons instead of RLE, for tools that import polygons (Label Studio, CVAT). "
+                                        "loadRes and `ovsam eval` read both; RLE is exact, polygons approximate the masks' outer contours."),
+    ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its part file next to --out.")] = False,
     no_amp: Annotated[bool, typer.Option("--no-amp", help="Run in float32 on CUDA (default: bf16 autocast).")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding and resizing images.")] = 2,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Alternative labels kept per mask (field 'topk').")] = 5,
+    roi_box: Annotated[
+        RoiBox,
+        typer.Option("--roi-box", help="Box of the CLIP RoI features: mask (the predicted mask's box; the official "
+                                       "choice) or prompt (the prompt box)."),
+    ] = RoiBox.mask,
     quiet: QuietOpt = False,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
@@ -405,6 +496,10 @@ def label(
     Each output record has image_id, category_id, score, bbox (XYWH of the mask), segmentation (compressed RLE at the image size), detector_score, detector_category_id and topk (the best vocabulary labels with their probabilities).
 
     With --label-source ovsam the score is the detector score times the label probability; with --label-source detector the detector's category and score are kept.
+
+    Vocabulary: --vocab when given (a warning says when its ids would mean other classes in --ann); otherwise, with --label-source ovsam and --ann, the categories of --ann (COCO ids and names for a COCO --ann, LVIS ones for LVIS, a custom dataset's own classes); otherwise the model's default. Which one is used is said on stderr.
+
+    An image that is missing, corrupt or of another size than --ann says is skipped (its prompts are counted in the summary); with --format dataset it is left out of 'images', while a readable image whose detections were all filtered out is listed with no annotations.
     """
     try:
         with user_errors():
@@ -438,6 +533,7 @@ def label(
                 workers=workers,
                 quiet=quiet,
                 topk=topk,
+                roi_box=roi_box.value,
                 weights=weight_options(cache_dir, offline, checkpoint, clip_weights, _model_components(model)),
             )
             execute(job, _device_list(devices) if devices else None)

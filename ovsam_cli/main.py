@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.logging import RichHandler
 
-from ovsam_cli.common import err_console
+from ovsam_cli.common import SIGPIPE_EXIT, err_console, exit_broken_pipe
 from ovsam_cli.eval import eval_command
 from ovsam_cli.label import label
 from ovsam_cli.weights import app as weights_app
@@ -56,9 +56,15 @@ def _is_click_error(exc: BaseException) -> bool:
 
 
 def run() -> None:
-    """Console entry point: like `app()`, but a usage mistake is one line on stderr, not a panel."""
+    """Console entry point: like `app()`, but a usage mistake is one line on stderr, not a panel,
+    and a reader closing stdout early (`| head`) ends the run quietly with exit code 141."""
     try:
         code = app(standalone_mode=False)
+    except BrokenPipeError:  # output printed outside a command's `user_errors` (tables, --json -)
+        try:
+            exit_broken_pipe()
+        except typer.Exit:
+            sys.exit(SIGPIPE_EXIT)
     except Exception as e:  # noqa: BLE001 - only click's own errors are handled here
         if not _is_click_error(e):
             raise

@@ -22,19 +22,30 @@ _real_load = label_mod.load_predictor
 _cache: dict = {}
 
 
-def _key(job, device="cpu") -> tuple:
-    key = (job.model, job.vocab, job.vocab_names, job.topk)
+def _vocab_key(vocabulary):
+    if vocabulary is None or isinstance(vocabulary, (str, Path)):
+        return vocabulary
+    return (vocabulary.name, tuple(vocabulary.category_ids), tuple(vocabulary.class_names))
+
+
+def _key(job, device="cpu", vocabulary=None) -> tuple:
+    key = (job.model, _vocab_key(vocabulary), job.vocab_names, job.topk, job.roi_box)
     return key if device == "cpu" else key + (device, job.amp)
+
+
+def _coco_predictor():
+    """The cached tiny model with the COCO vocabulary (what an --ann of COCO categories selects)."""
+    return next(p for k, p in _cache.items() if isinstance(k[1], tuple) and k[1][0] == "coco" and k[3] == 5)
 
 
 @pytest.fixture(autouse=True)
 def cached_model(monkeypatch):
-    """Build each (model, vocab, topk) once through the real builder: the suite stays fast."""
+    """Build each (model, vocabulary, topk, roi_box) once through the real builder: the suite stays fast."""
 
-    def load(job, device):
-        key = _key(job, device)
+    def load(job, device, vocabulary=None):
+        key = _key(job, device, vocabulary)
         if key not in _cache:
-            _cache[key] = _real_load(job, device)
+            _cache[key] = _real_load(job, device, vocabulary)
         return _cache[key]
 
     monkeypatch.setattr(label_mod, "load_predictor", load)
@@ -102,7 +113,8 @@ def test_mini_end_to_end(mini, tmp_path):
     assert [(r["image_id"], r["detector_category_id"]) for r in results] == [(boxes[i]["image_id"], boxes[i]["category_id"]) for i in expected]
     sizes = {im["id"]: [im["height"], im["width"]] for im in gt["images"]}
     assert all(rec["segmentation"]["size"] == sizes[rec["image_id"]] for rec in results)
-    vocab_ids = set(_cache[("tiny", None, None, 5)].category_ids)
+    vocab_ids = set(_coco_predictor().category_ids)
+    assert sorted(vocab_ids) == sorted(c["id"] for c in gt["categories"])
     assert all(rec["category_id"] in vocab_ids and 0 <= rec["score"] <= 0.9 + 1e-6 for rec in results)
     assert all(len(rec["topk"]) == 5 for rec in results)
     assert not list(tmp_path.glob("*.partial*"))
@@ -162,7 +174,7 @@ def test_points_polygons_no_ann(mini, tmp_path):
 
 
 def _interrupt_after(monkeypatch, n_images: int):
-    predictor = _cache[("tiny", None, None, 5)]
+    predictor = _coco_predictor()
     original = predictor.predict_prepared
     seen = {"n": 0}
 
@@ -191,7 +203,7 @@ def test_resume_after_interrupt_is_identical(mini, tmp_path, monkeypatch):
     with open(part, "a") as f:
         f.write('{"image":{"id":1')  # a torn line, as after SIGKILL
     monkeypatch.undo()
-    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device: _cache[_key(job)])
+    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device, vocabulary=None: _cache[_key(job, device, vocabulary)])
     r = run(*args, "--out", out, "--resume")
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == ref.read_bytes()
@@ -335,3 +347,203 @@ def test_cuda_end_to_end_bf16_matches_fp32(mini, tmp_path):
         else:
             ious.append(float(mask_utils.iou([ra], [rb], [0])[0][0]))
     assert sum(ious) / len(ious) >= 0.98
+
+
+def _broken_images(tmp_path, root, ids) -> Path:
+    """ids[0] missing, ids[1] the picture of ids[2] (another size than --ann says), ids[2] as is."""
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    good = root / "images" / f"{ids[2]:012d}.jpg"
+    shutil.copy(good, imgs)
+    shutil.copy(good, imgs / f"{ids[1]:012d}.jpg")
+    with Image.open(root / "images" / f"{ids[1]:012d}.jpg") as a, Image.open(good) as b:
+        assert a.size != b.size  # the copy really is of the wrong size
+    return imgs
+
+
+def test_unreadable_images_with_out_file_merge_and_resume(mini, tmp_path, monkeypatch):
+    root, gt, ids, boxes = mini
+    imgs = _broken_images(tmp_path, root, ids)
+    (tmp_path / "b.json").write_text(json.dumps(boxes))
+    args = ["--boxes", tmp_path / "b.json", "--images", imgs, "--ann", root / "instances.json", "--batch-size", 1]
+    ref = tmp_path / "ref.json"
+    r = run(*args, "--out", ref)
+    assert r.exit_code == 0, r.output
+    n = {i: sum(b["image_id"] == i for b in boxes) for i in ids}
+    assert f"image file missing or corrupt: {n[ids[0]]}" in r.stderr
+    assert f"image size differs from --ann: {n[ids[1]]}" in r.stderr
+    results = json.loads(ref.read_text())
+    assert {x["image_id"] for x in results} == {ids[2]} and len(results) == n[ids[2]]
+    assert not list(tmp_path.glob("*.partial*"))
+    # interrupted after the two unusable images were recorded: --resume finishes the run
+    out = tmp_path / "out.json"
+    _interrupt_after(monkeypatch, 0)
+    r = run(*args, "--out", out, "-q")
+    assert r.exit_code == 130, r.output
+    part = [json.loads(line) for line in (tmp_path / "out.json.partial.jsonl").read_text().splitlines()[1:]]
+    assert [(e["image"]["id"], e["records"], e["skipped"]) for e in part] == [
+        (ids[0], [], "image file missing or corrupt"), (ids[1], [], "image size differs from --ann")]
+    monkeypatch.undo()
+    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device, vocabulary=None: _cache[_key(job, device, vocabulary)])
+    r = run(*args, "--out", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == ref.read_bytes()
+    assert f"image file missing or corrupt: {n[ids[0]]}" in r.stderr  # still counted after --resume
+
+
+def test_dataset_lists_filtered_images_not_unreadable_ones(mini, tmp_path):
+    """--format dataset: an image whose detections were all filtered out is listed with no
+    annotations; an unreadable image is not listed. Same output through --out - and --out FILE."""
+    root, gt, ids, boxes = mini
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in ids[1:]:
+        shutil.copy(root / "images" / f"{i:012d}.jpg", imgs)
+    low = [dict(b, score=0.1) if b["image_id"] == ids[1] else b for b in boxes]
+    (tmp_path / "b.json").write_text(json.dumps(low))
+    args = ["--boxes", tmp_path / "b.json", "--images", imgs, "--ann", root / "instances.json",
+            "--format", "dataset", "--score-thr", 0.5, "-q"]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "ds.json"
+    r2 = run(*args, "--out", out)
+    assert r2.exit_code == 0, r2.output
+    assert out.read_text() == r.stdout
+    ds = json.loads(r.stdout)
+    assert [im["id"] for im in ds["images"]] == [ids[1], ids[2]]
+    assert {a["image_id"] for a in ds["annotations"]} == {ids[2]}
+    assert len(ds["annotations"]) == sum(b["image_id"] == ids[2] for b in boxes)
+    results = json.loads(run(*[a for a in args if a not in ("--format", "dataset")]).stdout)  # results: same records
+    assert len(results) == len(ds["annotations"])
+
+
+def _custom_dataset(tmp_path, root, gt, ids) -> tuple[Path, Path]:
+    """A dataset of the mini images with two classes of its own (ids 101, 102) and boxes of it."""
+    custom = copy.deepcopy(gt)
+    custom["categories"] = [{"id": 101, "name": "apple"}, {"id": 102, "name": "zebra crossing"}]
+    for i, a in enumerate(custom["annotations"]):
+        a["category_id"] = 101 + i % 2
+    ann = tmp_path / "custom.json"
+    ann.write_text(json.dumps(custom))
+    boxes = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+             for a in custom["annotations"] if a["image_id"] == ids[0] and not a["iscrowd"]]
+    (tmp_path / "custom_boxes.json").write_text(json.dumps(boxes))
+    return ann, tmp_path / "custom_boxes.json"
+
+
+def test_vocabulary_defaults_to_ann_categories(mini, tmp_path):
+    root, gt, ids, _ = mini
+    ann, boxes = _custom_dataset(tmp_path, root, gt, ids)
+    r = run("--boxes", boxes, "--images", root / "images", "--ann", ann, "--format", "dataset")
+    assert r.exit_code == 0, r.output
+    ds = json.loads(r.stdout)
+    assert [(c["id"], c["name"]) for c in ds["categories"]] == [(101, "apple"), (102, "zebra crossing")]
+    assert ds["annotations"] and {a["category_id"] for a in ds["annotations"]} <= {101, 102}
+    assert all({t["category_id"] for t in a["topk"]} <= {101, 102} for a in ds["annotations"])
+    assert f"categories of --ann {ann}" in r.stderr and "vocabulary:" in r.stderr
+    assert "warning" not in r.stderr
+    # --vocab wins, with one warning line: COCO ids mean nothing (101/102) in this --ann
+    r = run("--boxes", boxes, "--images", root / "images", "--ann", ann, "--vocab", "coco")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "80 of 80 --vocab classes" in warnings[0] and "1 (person)" in warnings[0]
+    assert {x["category_id"] for x in json.loads(r.stdout)} <= set(range(1, 91))
+    # without --ann: the model's default vocabulary (tiny: coco)
+    r = run("--boxes", boxes, "--images", root / "images", "--label-source", "ovsam")
+    assert r.exit_code == 0, r.output
+    assert "the model's default" in r.stderr
+
+
+@pytest.mark.parametrize("change", ["weights", "roi_box", "vocab_file"])
+def test_resume_refuses_other_weights_roi_box_or_vocab_file(change, mini, tmp_path, monkeypatch):
+    root, gt, ids, boxes = mini
+    (tmp_path / "b.json").write_text(json.dumps(boxes))
+    names = tmp_path / "names.txt"
+    names.write_text("person\ncar\n")
+    args = ["--boxes", tmp_path / "b.json", "--images", root / "images", "--ann", root / "instances.json",
+            "--batch-size", 1, "-q", "--out", tmp_path / "out.json"]
+    if change == "vocab_file":
+        args += ["--vocab", names]
+    # a run interrupted after one image, by a predictor that fails on its second batch
+    calls = {"n": 0}
+    real = label_mod.load_predictor
+
+    def interrupting(job, device, vocabulary=None):
+        predictor = real(job, device, vocabulary)
+        original = predictor.predict_prepared
+
+        def flaky(images, prompts):
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise KeyboardInterrupt
+            return original(images, prompts)
+
+        monkeypatch.setattr(predictor, "predict_prepared", flaky)
+        return predictor
+
+    monkeypatch.setattr(label_mod, "load_predictor", interrupting)
+    assert run(*args).exit_code == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device, vocabulary=None: _real_load(job, device, vocabulary))
+    extra = []
+    if change == "weights":
+        monkeypatch.setattr(label_mod, "load_predictor", _with_other_weights)
+    elif change == "roi_box":
+        extra = ["--roi-box", "prompt"]
+    else:
+        names.write_text("person\nbicycle\n")
+    r = run(*args, *extra, "--resume")
+    assert r.exit_code == 2, r.output
+    assert "written with other inputs or options" in r.stderr and "Traceback" not in r.output
+
+
+def _with_other_weights(job, device, vocabulary=None):
+    predictor = _real_load(job, device, vocabulary)
+    predictor.weights_sha256 = {"clip2sam": "1" * 64}
+    return predictor
+
+
+def test_roi_box_reaches_the_model(mini, tmp_path):
+    root, gt, ids, boxes = mini
+    (tmp_path / "b.json").write_text(json.dumps(boxes[:2]))
+    r = run("--boxes", tmp_path / "b.json", "--images", root / "images", "--roi-box", "prompt", "-q")
+    assert r.exit_code == 0, r.output
+    [(key, predictor)] = [(k, p) for k, p in _cache.items() if k[4] == "prompt"]
+    assert predictor.model.cfg.roi_box == "prompt"
+    bad = run("--boxes", tmp_path / "b.json", "--images", root / "images", "--roi-box", "box")
+    assert bad.exit_code == 2 and "--roi-box" in bad.output
+
+
+def test_broken_stdout_pipe_exits_quietly(mini, tmp_path, monkeypatch):
+    """`ovsam label --out - | head`: no error message, exit code 141 (128 + SIGPIPE)."""
+    root, gt, ids, boxes = mini
+    (tmp_path / "b.json").write_text(json.dumps(boxes[:2]))
+
+    def closed_pipe(stream, obj):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(label_mod, "write_json_stream", closed_pipe)
+    r = run("--boxes", tmp_path / "b.json", "--images", root / "images")
+    assert r.exit_code == 141, r.output
+    assert "error" not in r.stderr and "Broken pipe" not in r.output
+
+
+def test_help_texts(mini):
+    import re
+
+    r = CliRunner().invoke(app, ["label", "--help"], env={"COLUMNS": "200"})
+    text = re.sub(r"[\s│]+", " ", r.output)
+    assert "CVAT" in text and "needs RLE" not in text and "outer contours" in text
+    assert "--roi-box" in text and "categories of --ann" in text
+
+
+def test_progress_counts_prompts_on_points_runs(mini, tmp_path):
+    root, gt, ids, boxes = mini
+    b = next(b for b in boxes if b["image_id"] == ids[0])
+    x, y, w, h = b["bbox"]
+    (tmp_path / "p.json").write_text(json.dumps([{"image_id": ids[0], "points": [[x + w / 2, y + h / 2]], "labels": [1]}]))
+    r = run("--points", tmp_path / "p.json", "--images", root / "images")
+    assert r.exit_code == 0, r.output
+    assert "1 prompts" in r.stderr and "boxes" not in r.stderr

@@ -1,7 +1,8 @@
 """Decode images and run `predictor.prepare` in DataLoader workers.
 
 A missing or corrupt file does not stop the run: its item carries `error` and no `prepared`
-image, and the main loop counts the image's prompts as skipped.
+image, and the main loop counts the image's prompts as skipped and records the image as done
+without records (`ovsam_model.io.writers.skipped_entry`), so that merging and --resume go on.
 """
 
 from __future__ import annotations

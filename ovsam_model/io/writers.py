@@ -13,8 +13,11 @@ Label sources:
 
 Part files: while a run is going, each finished image is appended as one JSON line to
 `<out>.partial.jsonl` (one file per rank: `<out>.partial.rank{r}.jsonl`), flushed and fsynced per
-batch. The final output is written to a temp file and renamed onto `<out>`; records are sorted
-by image id, then input order, so a resumed run produces the same bytes as an uninterrupted one.
+batch. An image that could not be used (missing, corrupt, or of another size than --ann says)
+is recorded as done with its skip reason and no records (`skipped_entry`), so merging and
+--resume treat it like any finished image. The final output is written to a temp file and
+renamed onto `<out>`; records are sorted by image id, then input order, so a resumed run produces
+the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -97,6 +100,12 @@ def build_records(
 
 def image_entry(image: ImageRecord) -> dict:
     return {"id": image.id, "file_name": image.file_name, "height": image.height, "width": image.width}
+
+
+def skipped_entry(image: ImageRecord, reason: str) -> dict:
+    """The part-file entry of an image that was not labeled: done, no records, and why
+    (a `SkipReason`); `assemble` leaves it out of a dataset's `images`."""
+    return {"image": image_entry(image), "records": [], "skipped": str(reason)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,7 +216,9 @@ def assemble(entries: Iterable[dict], *, fmt: str = "results", categories: Seque
     """Per-image entries → the output object, sorted by image id then input order.
 
     fmt "results": a COCO results array (no `area`: loadRes computes it).
-    fmt "dataset": {"images", "categories", "annotations"} with ids 1.., area, iscrowd 0.
+    fmt "dataset": {"images", "categories", "annotations"} with ids 1.., area, iscrowd 0. Every
+    entry's image is listed, also one with no records (all its detections filtered out), except
+    skipped ones (`skipped_entry`: the image could not be read).
     """
     ordered = sorted(entries, key=lambda e: e["image"]["id"])
     if fmt == "results":
@@ -218,7 +229,8 @@ def assemble(entries: Iterable[dict], *, fmt: str = "results", categories: Seque
     for entry in ordered:
         for rec in entry["records"]:
             annotations.append({"id": len(annotations) + 1, **rec, "iscrowd": 0})
-    return {"images": [e["image"] for e in ordered], "categories": list(categories), "annotations": annotations}
+    images = [e["image"] for e in ordered if not e.get("skipped")]
+    return {"images": images, "categories": list(categories), "annotations": annotations}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
