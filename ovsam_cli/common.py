@@ -16,9 +16,6 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 from rich.console import Console
 
-# Humans read stderr; stdout is for machine output (tables, paths, JSON).
-err_console = Console(stderr=True)
-out_console = Console()
 
 
 class CliError(Exception):
@@ -53,6 +50,18 @@ def exit_broken_pipe() -> NoReturn:
     except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. a test runner's buffer)
         pass
     raise typer.Exit(SIGPIPE_EXIT)
+
+
+class _StdoutConsole(Console):
+    """rich's Console with our closed-pipe exit (rich's own default is a plain exit 1)."""
+
+    def on_broken_pipe(self) -> None:
+        exit_broken_pipe()
+
+
+# Humans read stderr; stdout is for machine output (tables, paths, JSON).
+err_console = Console(stderr=True)
+out_console = _StdoutConsole()
 
 
 def info(message: str, quiet: bool = False) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.cells import cell_len
 from rich.markup import escape
 from rich.table import Table
 
@@ -31,6 +32,7 @@ from ovsam_cli.common import (
     VocabNamesOpt,
     VocabOpt,
     err_console,
+    exit_broken_pipe,
     fail,
     info,
     out_console,
@@ -74,14 +76,33 @@ class PromptName(str, Enum):
     point = "point"
 
 
+class RoiBoxName(str, Enum):
+    mask = "mask"
+    prompt = "prompt"
+
+
+# The prompt protocol runs SAM's own two-step mask post-processing (upsample to 1024, crop the
+# padding, resize to the image), as the published numbers were made.
+PROMPT_MASK_POSTPROCESS = "exact"
+
+
 def _render(header: list[str], rows: list[list[str]], title: str, notes: list[str], to_stdout: bool) -> None:
     """The results table, then its notes (what the numbers cover) one per line."""
-    table = Table(title=title)
+    out = out_console if to_stdout else err_console
+    # The first column (model names) never truncates: as wide as its longest entry when the
+    # terminal leaves room next to the number columns, else folded over several lines.
+    widths = [max([cell_len(h)] + [cell_len(str(r[i])) for r in rows]) for i, h in enumerate(header)]
+    room = out.width - sum(w + 3 for w in widths[1:]) - 4  # 3 = padding + border per column
+    first_width = max(cell_len(header[0]), min(widths[0], room))
+    # at least as wide as the title, so that it stays on one line when the terminal allows
+    table = Table(title=title, title_justify="left", min_width=min(cell_len(title) + 2, out.width))
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        if i == 0:
+            table.add_column(name, justify="left", overflow="fold", no_wrap=False, min_width=first_width)
+        else:
+            table.add_column(name, justify="right")
     for row in rows:
         table.add_row(*row)
-    out = out_console if to_stdout else err_console
     out.print(table)
     for note in notes:
         out.print(f"[dim]- {escape(note)}[/dim]", soft_wrap=True)
@@ -105,22 +126,32 @@ def _run_detector(ann: Path, pred: Optional[Path], dataset: str, split: str, iou
 
 def _run_prompt(
     ann: Path, images: Optional[Path], models: list[str], dataset: str, prompt: str, *, vocab: Optional[str],
-    vocab_names: Optional[Path],
+    vocab_names: Optional[Path], roi_box: str,
     batch_size: int, max_images: Optional[int], device: str, build_kwargs: dict[str, Any], progress: bool,
 ) -> tuple[list[PromptResult], dict]:
     from ovsam_model.builder import build_predictor
     from ovsam_model.eval.detector import load_ground_truth
     from ovsam_model.eval.prompt import evaluate_prompts
+    from ovsam_model.vocab import vocabulary_from_categories
 
     if images is None or not models:
         raise CliError("the prompt protocol needs --images DIR and --model NAME[,NAME...]")
     if not images.is_dir():
         raise CliError(f"images folder not found: {images}")
     gt = load_ground_truth(ann)  # read once, shared by all models
+    categories = list(gt["categories"])
+    if vocab is None and not categories:
+        raise CliError(f"{ann} has no categories; give --vocab")
+    info(f"vocabulary: {f'--vocab {vocab}' if vocab is not None else f'the {len(categories)} categories of --ann {ann}'}",
+         quiet=not progress)
     results, entries = [], []
     for name in models:
         info(f"building {name} on {device}", quiet=not progress)
-        predictor = build_predictor(name, vocab=vocab, names_file=vocab_names, device=device, progress=progress, **build_kwargs)
+        # The GT's own categories unless --vocab: accuracy compares ids that mean the same classes.
+        # A fresh Vocabulary per model (a builder may attach a model's own embeddings to it).
+        vocabulary = vocab if vocab is not None else vocabulary_from_categories(categories, name=f"--ann {ann.name}")
+        predictor = build_predictor(name, vocab=vocabulary, names_file=vocab_names, device=device, progress=progress,
+                                    mask_postprocess=PROMPT_MASK_POSTPROCESS, roi_box=roi_box, **build_kwargs)
         result = evaluate_prompts(predictor, gt, images, prompt=prompt, dataset=dataset,  # type: ignore[arg-type]
                                   batch_size=batch_size, max_images=max_images, progress=progress,
                                   model_name=name)
@@ -133,7 +164,10 @@ def _run_prompt(
         "ovsam_version": __version__,
         "protocol": "prompt",
         "settings": {"dataset": dataset, "prompt": prompt, "ann": str(ann), "ann_sha256": sha256_of(ann),
-                     "images": str(images), "vocab": vocab, "vocab_names": str(vocab_names) if vocab_names else None, "batch_size": batch_size, "max_images": max_images,
+                     "images": str(images), "vocab": vocab if vocab is not None else "ann categories",
+                     "vocab_names": str(vocab_names) if vocab_names else None,
+                     "mask_postprocess": PROMPT_MASK_POSTPROCESS, "roi_box": roi_box,
+                     "batch_size": batch_size, "max_images": max_images,
                      "device": device, "random_weights": bool(build_kwargs.get("random_weights"))},
         "models": entries,
     }
@@ -152,6 +186,11 @@ def eval_command(
     model: Annotated[Optional[str], typer.Option(help="Prompt protocol: model name(s), comma-separated, evaluated side by side.")] = None,
     vocab: VocabOpt = None,
     vocab_names: VocabNamesOpt = None,
+    roi_box: Annotated[
+        RoiBoxName,
+        typer.Option("--roi-box", help="Prompt protocol: box of the CLIP RoI features, mask (the predicted mask's box; "
+                                       "the official choice) or prompt (the prompt box)."),
+    ] = RoiBoxName.mask,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompt protocol: images per model call.")] = 1,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Prompt protocol: evaluate only the first N images (sorted by id).")] = None,
     device: DeviceOpt = "auto",
@@ -167,7 +206,7 @@ def eval_command(
 
     Detector protocol: the AP of a COCO results file (--pred, e.g. `ovsam label` output) against --ann, with COCOeval or LVISEval.
 
-    Prompt protocol: each model in --model gets one GT box or centre point per instance of --ann; reports mask IoU and top-1 label accuracy, base and novel classes apart.
+    Prompt protocol: each model in --model gets one GT box or centre point per instance of --ann; reports mask IoU and top-1 label accuracy, base and novel classes apart. The vocabulary is the categories of --ann unless --vocab is given, so that accuracy compares ids that mean the same classes; masks use SAM's own (exact) post-processing, as the published numbers.
 
     The table goes to stdout (to stderr with --json -); --json writes every number and the settings.
     """
@@ -191,7 +230,7 @@ def eval_command(
                 build_kwargs = {"random_weights": random_weights,
                                 **weight_options(cache_dir, offline, checkpoint, clip_weights)}
                 results, report = _run_prompt(ann, images, names, dataset.value, prompt.value, vocab=vocab,
-                                              vocab_names=vocab_names,
+                                              vocab_names=vocab_names, roi_box=roi_box.value,
                                               batch_size=batch_size, max_images=max_images,
                                               device=resolve_device(device), build_kwargs=build_kwargs,
                                               progress=not quiet)
@@ -203,15 +242,18 @@ def eval_command(
                 raise
             raise CliError(f"malformed input: missing field {e}") from None
 
-    if json_out == "-":
-        import json
+    try:
+        if json_out == "-":
+            import json
 
-        typer.echo(json.dumps(report, indent=2))
-    elif json_out:
-        try:
-            write_json_atomic(json_out, report)
-        except OSError as e:
-            fail(f"cannot write {json_out}: {e}")
-        info(f"wrote {json_out}", quiet)
-    if table_on_stdout or not quiet:
-        _render(header, rows, title, notes, to_stdout=table_on_stdout)
+            typer.echo(json.dumps(report, indent=2))
+        elif json_out:
+            try:
+                write_json_atomic(json_out, report)
+            except OSError as e:
+                fail(f"cannot write {json_out}: {e}")
+            info(f"wrote {json_out}", quiet)
+        if table_on_stdout or not quiet:
+            _render(header, rows, title, notes, to_stdout=table_on_stdout)
+    except BrokenPipeError:  # `ovsam eval ... | head`: the reader has what it wanted
+        exit_broken_pipe()

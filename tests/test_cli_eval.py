@@ -203,3 +203,75 @@ def test_prompt_protocol_with_tiny_model(tmp_path):
     assert r["num_images"] == 2
     assert r["num_instances"] + r["num_skipped_empty"] == sum(not a["iscrowd"] for a in gt["annotations"])
     assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["acc"] <= 1.0
+
+
+def _fake_builds(monkeypatch) -> list:
+    import ovsam_model.builder as builder
+
+    built = []
+
+    def fake_build(name, **kwargs):
+        built.append((name, kwargs))
+        return _OraclePredictor(GT)
+
+    monkeypatch.setattr(builder, "build_predictor", fake_build)
+    return built
+
+
+def test_prompt_protocol_build_options_and_settings(monkeypatch):
+    """SAM's exact mask post-processing, --roi-box, and the GT's categories as the default vocabulary."""
+    from ovsam_model.vocab import Vocabulary
+
+    built = _fake_builds(monkeypatch)
+    base = ["eval", "--protocol", "prompt", "--ann", str(GT), "--images", str(SAMPLE / "images"), "--model", "oracle",
+            "--device", "cpu", "--json", "-"]
+    res = runner.invoke(app, base)
+    assert res.exit_code == 0, res.output
+    kwargs = built[-1][1]
+    assert kwargs["mask_postprocess"] == "exact" and kwargs["roi_box"] == "mask"
+    gt_cats = sorted((c["id"], c["name"]) for c in json.loads(GT.read_text())["categories"])
+    assert isinstance(kwargs["vocab"], Vocabulary)
+    assert list(zip(kwargs["vocab"].category_ids, kwargs["vocab"].class_names)) == gt_cats
+    assert f"categories of --ann {GT}" in res.stderr
+    settings = json.loads(res.stdout)["settings"]
+    assert settings["mask_postprocess"] == "exact" and settings["roi_box"] == "mask"
+    assert settings["vocab"] == "ann categories"
+    res = runner.invoke(app, [*base, "--vocab", "coco", "--roi-box", "prompt", "-q"])
+    assert res.exit_code == 0, res.output
+    assert built[-1][1]["vocab"] == "coco" and built[-1][1]["roi_box"] == "prompt"
+    settings = json.loads(res.stdout)["settings"]
+    assert settings["roi_box"] == "prompt" and settings["vocab"] == "coco"
+
+
+def test_prompt_table_never_cuts_model_names(monkeypatch):
+    """At 80 columns the names fold inside their column (every character kept, every number
+    shown); on a wide terminal each name is on one line."""
+    _fake_builds(monkeypatch)
+    names = ["baseline-image-crop-with-a-long-name", "baseline-feature-crop-with-another-name"]
+    args = ["eval", "--protocol", "prompt", "--ann", str(GT), "--images", str(SAMPLE / "images"),
+            "--model", ",".join(names), "--device", "cpu", "-q"]
+    res = runner.invoke(app, args, env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stdout.splitlines() if line[:1] in "┏┃┡│└"]  # the table, not the notes
+    assert "…" not in "".join(lines) and all(len(line) <= 80 for line in lines)
+    first_column = "".join(line.split("│")[1].strip() for line in lines if line.startswith("│"))
+    assert first_column == "".join(names)
+    rows = [line for line in lines if line.startswith("│") and "100.0" in line]
+    assert len(rows) == 2 and all(line.rstrip().endswith("│") for line in rows)  # no column cut off
+    assert "coco box-prompt protocol (%)" in res.stdout
+    wide = runner.invoke(app, args, env={"COLUMNS": "160"})
+    assert wide.exit_code == 0, wide.output
+    assert all(any(name in line for line in wide.stdout.splitlines()) for name in names)
+
+
+def test_closed_stdout_pipe_exits_quietly(segm_preds):
+    """`ovsam eval ... | head` with the reader gone: no message, exit code 141 (128 + SIGPIPE)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "ovsam_cli", "eval", "--ann", str(GT), "--pred", str(segm_preds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # before anything is written: the first write meets a closed pipe
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert stderr == ""

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ovsam_model.io.datasets import load_image_source
+from ovsam_model.io.datasets import ImageRecord, load_image_source
 from ovsam_model.io.detections import InputError, PromptRecord, SkipReason
 from ovsam_model.io.loader import make_loader
 from ovsam_model.io.masks import encode_rle, mask_polygons, rle_area, rle_bbox
@@ -22,6 +22,7 @@ from ovsam_model.io.writers import (
     part_path,
     read_done,
     read_part,
+    skipped_entry,
     write_json_atomic,
 )
 from ovsam_model.types import PreparedImage, Prediction
@@ -194,3 +195,23 @@ def test_rle_area_and_bbox_for_300_masks():
     rles = encode_rle(masks)
     assert rle_area(rles) == masks.flatten(1).sum(1).tolist()
     assert rle_bbox(rles)[7] == [float(v) for v in mask_utils.toBbox(rles[7])]
+
+
+def test_skipped_images_are_done_but_not_listed(tmp_path):
+    """An unreadable image is a finished part-file entry (resume skips it) with no records; a
+    dataset leaves it out of `images` but lists an image whose detections were all filtered."""
+    unreadable = skipped_entry(ImageRecord(7, tmp_path / "g.jpg", "g.jpg", 4, 6), SkipReason.IMAGE_UNREADABLE)
+    assert unreadable == {"image": {"id": 7, "file_name": "g.jpg", "height": 4, "width": 6}, "records": [],
+                          "skipped": SkipReason.IMAGE_UNREADABLE}
+    empty = {"image": {"id": 3, "file_name": "e.jpg", "height": 2, "width": 2}, "records": []}
+    full = {"image": {"id": 5, "file_name": "f.jpg", "height": 2, "width": 2}, "records": [{"image_id": 5, "area": 1}]}
+    out = tmp_path / "out.json"
+    w = PartWriter(part_path(out), "fp", resume=False)
+    w.append([unreadable, empty, full])
+    w.finish(world=1)
+    done = read_done(out, "fp")
+    assert sorted(done) == [3, 5, 7] and done[7]["skipped"] == SkipReason.IMAGE_UNREADABLE
+    assert sorted(PartWriter(part_path(out), "fp", resume=True).done) == [3, 5, 7]
+    ds = assemble(done.values(), fmt="dataset")
+    assert [i["id"] for i in ds["images"]] == [3, 5] and [a["image_id"] for a in ds["annotations"]] == [5]
+    assert assemble(done.values()) == [{"image_id": 5}]
