@@ -36,6 +36,8 @@ def fail(message: str, code: int = 2) -> NoReturn:
 # A reader that closed the pipe early (`ovsam label --out - | head`) is not an error: like a
 # program killed by SIGPIPE (what the shell reports for `cat big | head`), we exit quietly with
 # 128 + SIGPIPE = 141, so `set -o pipefail` scripts see the same status as with standard tools.
+# Paths: `user_errors` (label's JSON), `out_console` (tables), `main.run` (plain `typer.echo`
+# output). `--help` is printed by typer's own rich console, which exits 1, also quietly.
 SIGPIPE_EXIT = 141
 
 

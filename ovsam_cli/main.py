@@ -60,11 +60,6 @@ def run() -> None:
     and a reader closing stdout early (`| head`) ends the run quietly with exit code 141."""
     try:
         code = app(standalone_mode=False)
-    except BrokenPipeError:  # output printed outside a command's `user_errors` (tables, --json -)
-        try:
-            exit_broken_pipe()
-        except typer.Exit:
-            sys.exit(SIGPIPE_EXIT)
     except Exception as e:  # noqa: BLE001 - only click's own errors are handled here
         if not _is_click_error(e):
             raise
@@ -78,6 +73,13 @@ def run() -> None:
     except BaseException as e:
         if type(e).__name__ == "Abort":
             sys.exit(130)
+        if isinstance(e, SystemExit) and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            # typer/click met a closed stdout (EPIPE) outside our handlers (e.g. plain
+            # `typer.echo` output) and exit 1 quietly: use our code for it
+            try:
+                exit_broken_pipe()
+            except typer.Exit:
+                sys.exit(SIGPIPE_EXIT)
         raise
     sys.exit(code if isinstance(code, int) else 0)
 

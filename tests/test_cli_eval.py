@@ -269,9 +269,10 @@ def test_closed_stdout_pipe_exits_quietly(segm_preds):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "ovsam_cli", "eval", "--ann", str(GT), "--pred", str(segm_preds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
-    proc.stdout.close()  # before anything is written: the first write meets a closed pipe
-    stderr = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141, stderr
-    assert stderr == ""
+    for args in (["eval", "--ann", str(GT), "--pred", str(segm_preds)], ["--version"]):  # rich table; typer.echo
+        proc = subprocess.Popen([sys.executable, "-m", "ovsam_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=Path(__file__).resolve().parents[1])
+        proc.stdout.close()  # before anything is written: the first write meets a closed pipe
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141, (args, stderr)
+        assert stderr == ""
