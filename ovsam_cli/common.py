@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -209,3 +210,17 @@ VocabNamesOpt = Annotated[
                  help="Class names (one per line) for a --vocab of embeddings (.npy [K, D] or .pth [K, P, D])."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, warnings or summaries on stderr (errors still show).")]
+
+
+class RoiBox(str, Enum):
+    """Where the CLIP RoI features are pooled."""
+
+    mask = "mask"
+    prompt = "prompt"
+
+
+RoiBoxOpt = Annotated[
+    RoiBox,
+    typer.Option("--roi-box", help="Box of the CLIP RoI features: mask (the predicted mask's box; the official "
+                                   "choice) or prompt (the prompt box)."),
+]

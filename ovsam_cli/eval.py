@@ -29,6 +29,8 @@ from ovsam_cli.common import (
     DeviceOpt,
     OfflineOpt,
     QuietOpt,
+    RoiBox,
+    RoiBoxOpt,
     VocabNamesOpt,
     VocabOpt,
     err_console,
@@ -74,11 +76,6 @@ class IouTypeName(str, Enum):
 class PromptName(str, Enum):
     box = "box"
     point = "point"
-
-
-class RoiBoxName(str, Enum):
-    mask = "mask"
-    prompt = "prompt"
 
 
 # The prompt protocol runs SAM's own two-step mask post-processing (upsample to 1024, crop the
@@ -186,11 +183,7 @@ def eval_command(
     model: Annotated[Optional[str], typer.Option(help="Prompt protocol: model name(s), comma-separated, evaluated side by side.")] = None,
     vocab: VocabOpt = None,
     vocab_names: VocabNamesOpt = None,
-    roi_box: Annotated[
-        RoiBoxName,
-        typer.Option("--roi-box", help="Prompt protocol: box of the CLIP RoI features, mask (the predicted mask's box; "
-                                       "the official choice) or prompt (the prompt box)."),
-    ] = RoiBoxName.mask,
+    roi_box: RoiBoxOpt = RoiBox.mask,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompt protocol: images per model call.")] = 1,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Prompt protocol: evaluate only the first N images (sorted by id).")] = None,
     device: DeviceOpt = "auto",

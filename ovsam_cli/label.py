@@ -30,6 +30,8 @@ from ovsam_cli.common import (
     DeviceOpt,
     OfflineOpt,
     QuietOpt,
+    RoiBox,
+    RoiBoxOpt,
     VocabNamesOpt,
     VocabOpt,
     err_console,
@@ -78,11 +80,6 @@ class LabelSource(str, Enum):
 class OutputFormat(str, Enum):
     results = "results"
     dataset = "dataset"
-
-
-class RoiBox(str, Enum):
-    mask = "mask"
-    prompt = "prompt"
 
 
 @dataclass
@@ -478,11 +475,7 @@ def label(
     no_amp: Annotated[bool, typer.Option("--no-amp", help="Run in float32 on CUDA (default: bf16 autocast).")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding and resizing images.")] = 2,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Alternative labels kept per mask (field 'topk').")] = 5,
-    roi_box: Annotated[
-        RoiBox,
-        typer.Option("--roi-box", help="Box of the CLIP RoI features: mask (the predicted mask's box; the official "
-                                       "choice) or prompt (the prompt box)."),
-    ] = RoiBox.mask,
+    roi_box: RoiBoxOpt = RoiBox.mask,
     quiet: QuietOpt = False,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
