@@ -18,7 +18,6 @@ import typer
 from rich.console import Console
 
 
-
 class CliError(Exception):
     """An expected failure found by the CLI itself (a mistake in what it was given, or a run that
     cannot go on); `user_errors` prints it as one line and exits with `code`."""
