@@ -160,3 +160,24 @@ def test_bf16_autocast_keeps_prompt_encoding_and_rois_in_float32(images, tiny):
     low = multilevel_roi_align([f.to(torch.bfloat16) for f in feats.fpn_feats], rois, 7)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, ref, atol=0.05, rtol=0.05)
+
+
+def test_whole_predictor_under_bf16_autocast_agrees_with_float32(images, tiny, monkeypatch):
+    """CPU bf16 autocast stands in for CUDA's (CI has no GPU): the whole predictor runs without a
+    dtype error and its masks agree with float32 (mean IoU ≥ 0.98, as the CUDA test demands)."""
+    import contextlib
+
+    from ovsam_model import predictor as predictor_mod
+
+    h, w = images[0].shape[:2]
+    prompts = [Prompts(boxes=_random_boxes(12, h, w, 3)),
+               Prompts(points=[[[w / 2, h / 2]], [[w / 4, h / 3]]], point_labels=[[1], [1]])]
+    ref = tiny.predict([images[0], images[0]], prompts)
+    monkeypatch.setattr(predictor_mod, "autocast_context",
+                        lambda device, amp: torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext())
+    low = tiny.predict([images[0], images[0]], prompts)
+    for a, b in zip(ref, low):
+        inter = (a.masks & b.masks).flatten(1).sum(1).float()
+        union = (a.masks | b.masks).flatten(1).sum(1).float().clamp(min=1)
+        assert (inter / union).mean() >= 0.98
+        assert torch.isfinite(b.scores).all()
