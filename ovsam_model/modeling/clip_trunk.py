@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
-from typing import Optional
+from typing import Iterator, Optional
 
 import open_clip
 import torch
@@ -13,6 +15,24 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from ..config import ClipConfig
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool) -> Iterator[None]:
+    """open_clip warns on the root logger when it builds random weights; for us (tests,
+    `weights verify`, weights loaded afterwards) that is the intent, not news."""
+    flt = _DropRandomInitWarning()
+    if active:
+        logging.getLogger().addFilter(flt)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(flt)
 
 
 class ClipTrunk(nn.Module):
@@ -32,8 +52,9 @@ class ClipTrunk(nn.Module):
             self.clip = open_clip.model.CLIP(**cfg.custom)
             self.tokenizer = open_clip.get_tokenizer("RN50")
         else:
-            self.clip = open_clip.create_model(cfg.name, pretrained=pretrained, cache_dir=cache_dir,
-                                               force_quick_gelu=quick_gelu)
+            with _quiet_random_init(pretrained is None):
+                self.clip = open_clip.create_model(cfg.name, pretrained=pretrained, cache_dir=cache_dir,
+                                                   force_quick_gelu=quick_gelu)
             self.tokenizer = open_clip.get_tokenizer(cfg.name)
         self.weights_tag = pretrained
         self.is_resnet = isinstance(self.clip.visual, ModifiedResNet)
