@@ -1,0 +1,120 @@
+"""`ovsam distill`: train a SAM2CLIP adapter by distilling SAM ViT-H into frozen CLIP (spec §6).
+
+Single process (CPU or one GPU) or `torchrun --nproc_per_node N -m ovsam_cli distill ...`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ovsam_cli.common import (
+    CacheDirOpt,
+    CheckpointOpt,
+    CliError,
+    ClipWeightsOpt,
+    DeviceOpt,
+    OfflineOpt,
+    QuietOpt,
+    info,
+    resolve_device,
+    user_errors,
+    weight_options,
+)
+
+
+class Teacher(str, Enum):
+    """Which SAM image encoder teaches."""
+
+    vit_h = "vit_h"
+    tiny = "tiny"
+
+
+def distill(
+    images: Annotated[Path, typer.Option("--images", help="Folder of training images (.jpg/.jpeg/.png, searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", file_okay=False,
+                                      help="Output folder: last.pth (for --resume), sam2clip_distilled.pth (the adapter in the released layout), teacher_cache/.")],
+    model: Annotated[str, typer.Option("--model", help="Student: an OVSAM registry name (its CLIP trunk + adapter); tiny for smoke tests.")] = "ovsam-rn50x16-coco",
+    teacher: Annotated[Teacher, typer.Option("--teacher", help="Teacher: vit_h (SAM ViT-H, weights fetched or --checkpoint sam=PATH) or tiny (random, tests).")] = Teacher.vit_h,
+    teacher_cache: Annotated[Optional[Path], typer.Option("--teacher-cache", file_okay=False,
+                                                          help="Folder of cached teacher embeddings (fp16, one file per image; default OUT/teacher_cache).")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the images.")] = 24,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Global batch (split over torchrun processes).")] = 16,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW peak learning rate.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay (none on norms, biases, level embedding).")] = 0.05,
+    warmup_iters: Annotated[int, typer.Option("--warmup-iters", min=0, help="Linear warm-up iterations, then cosine to 1% of --lr.")] = 500,
+    grad_clip: Annotated[float, typer.Option("--grad-clip", min=0.0, help="Gradient-norm clip (0: none).")] = 5.0,
+    max_iters: Annotated[Optional[int], typer.Option("--max-iters", min=1, help="Stop after N iterations (also the schedule's length; smoke tests).")] = None,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save last.pth and the adapter every N iterations (0: only at the end).")] = 1000,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")] = 4,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth (same options and images).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the adapter's initialisation and the data order.")] = 0,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheDirOpt = None,
+    offline: OfflineOpt = False,
+    checkpoint: CheckpointOpt = None,
+    clip_weights: ClipWeightsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Distill SAM ViT-H's image embeddings into a SAM2CLIP adapter on frozen CLIP (paper §3.2, spec §6).
+
+    --checkpoint takes sam=PATH (the teacher's SAM ViT-H checkpoint) and sam2clip=PATH (an
+    adapter to start from). The result loads with `ovsam label --checkpoint sam2clip=OUT/sam2clip_distilled.pth`.
+    """
+    from ovsam_model.builder import resolve_spec
+    from ovsam_model.registry import sam_weight
+    from ovsam_model.train.distill import (
+        DistillConfig,
+        DistillError,
+        DistillInterrupted,
+        run_distill,
+    )
+    from ovsam_model.weights import clip_cache_dir, clip_pretrained_arg, fetch_file
+
+    with user_errors(also=(DistillError,)):
+        if not images.is_dir():
+            raise CliError(f"--images {images}: no such folder")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None
+        opts = weight_options(cache_dir, offline, checkpoint, clip_weights, components=("sam", "sam2clip"))
+        overrides = opts["overrides"] or {}
+        spec = resolve_spec(model)
+        quiet = quiet or rank != 0
+        teacher_weights = None
+        if teacher is Teacher.vit_h:
+            teacher_weights = fetch_file(sam_weight("vit_h"), cache_dir=cache_dir, offline=opts["offline"],
+                                         override=overrides.get("sam"), progress=not quiet, model=spec.name)
+        adapter_init = overrides.get("sam2clip")
+        if adapter_init is not None and not adapter_init.is_file():
+            raise CliError(f"--checkpoint sam2clip={adapter_init}: no such file")
+        clip_arg = clip_pretrained_arg(spec, clip_weights, opts["offline"], cache_dir)
+        cfg = DistillConfig(
+            images=images, out=out, model=model, teacher=teacher.value, teacher_cache=teacher_cache, epochs=epochs,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup_iters=warmup_iters,
+            max_iters=max_iters, save_every=save_every, workers=workers,
+            device=resolve_device(device, local_rank), resume=resume, seed=seed, amp=amp,
+            teacher_weights=teacher_weights, adapter_init=adapter_init, clip_pretrained=clip_arg,
+            clip_cache_dir=clip_cache_dir(cache_dir) if clip_arg is not None else None,
+        )
+        try:
+            result = run_distill(cfg, progress=not quiet)
+        except DistillInterrupted as e:
+            again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
+            info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=rank != 0)
+            info(f"resume with: ovsam {shlex.join(again)}", quiet=rank != 0)
+            raise typer.Exit(130) from None
+    for note in result.notes:
+        info(note, quiet)
+    last_loss = f", last loss {result.losses[-1]:.4g}" if result.losses else ""
+    info(f"{result.step}/{result.total} iterations (epoch {result.epoch}){last_loss}; teacher embedded "
+         f"{result.teacher_computed} new image(s); resume state: {result.last}", quiet)
+    if rank == 0:
+        typer.echo(str(result.distilled))

@@ -1,0 +1,1 @@
+"""Training: SAM2CLIP distillation (spec §6)."""

@@ -1,0 +1,375 @@
+"""SAM2CLIP distillation (spec §6): frozen CLIP trunk + adapter (student) regress SAM's image
+embedding (teacher) with a per-pixel MSE.
+
+One process on CPU or one GPU, or several under torchrun (DistributedDataParallel on the
+adapter, DistributedSampler; only rank 0 writes). The teacher runs once per image into a
+`TeacherCache`; training then reads the cached fp16 embeddings.
+
+Outputs in `out`: `last.pth` (adapter, optimizer, scheduler, step, epoch, RNG states: what
+`resume` continues from) and `sam2clip_distilled.pth`, the adapter in the released layout
+(`neck_student.<key>`), loadable wherever `sam2clip_vith_rn50x16.pth` is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ..atomic import torch_save_atomic
+from ..builder import build_model, resolve_spec
+from ..checkpoint import load_weight_file
+from ..io.loader import read_rgb
+from ..modeling.ovsam import OVSAM
+from ..modeling.sam2clip import SAM2CLIPAdapter
+from ..registry import SAM2CLIP
+from ..transforms import prepare_image
+from .schedule import build_optimizer, build_scheduler
+from .teacher_cache import TeacherCache, build_teacher, fill_cache, teacher_identity
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LAST = "last.pth"
+DISTILLED = "sam2clip_distilled.pth"
+OFFICIAL_PREFIX = "neck_student."
+
+
+class DistillError(ValueError):
+    """A distillation run that cannot start or go on (bad input, mismatched checkpoint)."""
+
+
+class DistillInterrupted(Exception):
+    """Ctrl-C during training: `last.pth` was saved at `step` (by rank 0)."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at iteration {step}; saved {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class DistillConfig:
+    """Everything a run needs. `batch_size` is the global batch (split over the processes).
+    `max_iters` caps the run (smoke tests) and is then the schedule's horizon as well.
+    `teacher_weights`: SAM ViT-H checkpoint (teacher "vit_h"); `adapter_init`: a SAM2CLIP file
+    in the released layout to start from; `clip_pretrained`: open_clip's `pretrained=` for the
+    trunk (None: random CLIP, tests)."""
+
+    images: Path
+    out: Path
+    model: str = "ovsam-rn50x16-coco"
+    teacher: str = "vit_h"
+    teacher_cache: Optional[Path] = None
+    epochs: int = 24
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 5.0
+    warmup_iters: int = 500
+    min_lr_ratio: float = 0.01
+    max_iters: Optional[int] = None
+    save_every: int = 1000
+    workers: int = 4
+    device: str = "cpu"
+    resume: bool = False
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA (the loss stays float32)
+    teacher_weights: Optional[Path] = None
+    adapter_init: Optional[Path] = None
+    clip_pretrained: Optional[str] = None
+    clip_cache_dir: Optional[Path] = None
+    teacher_batch: int = 4
+
+
+@dataclass
+class DistillResult:
+    step: int  # iterations done in total (over all runs)
+    total: int  # the schedule's horizon
+    epoch: int
+    losses: list[float] = field(default_factory=list)  # this run's per-iteration losses (rank 0's batch)
+    teacher_computed: int = 0  # embeddings computed by the teacher in this run (this rank)
+    last: Optional[Path] = None
+    distilled: Optional[Path] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every .jpg/.jpeg/.png under `root` (recursive, case-insensitive suffix), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DistillError(f"images folder not found: {root}")
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise DistillError(f"no .jpg/.jpeg/.png images under {root}")
+    return found
+
+
+def load_pixels(path: Path, size: int, mean, std) -> torch.Tensor:
+    """An image file → [3, size, size] normalised, zero-padded (the model frame)."""
+    try:
+        image = read_rgb(path)
+    except (OSError, ValueError) as e:
+        raise DistillError(f"cannot read image {path}: {e}") from e
+    return prepare_image(image, size, mean, std).pixels
+
+
+class DistillImages(Dataset):
+    """(pixels [3, S, S], teacher embedding [C, g, g] float32) per image."""
+
+    def __init__(self, paths: list[Path], cache: TeacherCache, size: int, mean, std) -> None:
+        self.paths, self.cache, self.size, self.mean, self.std = paths, cache, size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.paths[i]
+        return load_pixels(path, self.size, self.mean, self.std), self.cache.load(path)
+
+
+def official_state(adapter: SAM2CLIPAdapter) -> dict[str, torch.Tensor]:
+    """The adapter's state dict in the released `sam2clip_vith_rn50x16.pth` layout."""
+    return {OFFICIAL_PREFIX + k: v.detach().cpu().clone() for k, v in adapter.state_dict().items()}
+
+
+def copy_pos_embed(adapter: SAM2CLIPAdapter, teacher_pos: Optional[torch.Tensor]) -> bool:
+    """Copy the teacher's absolute position embedding into the adapter when shapes match."""
+    if teacher_pos is None or teacher_pos.shape != adapter.pos_embed.shape:
+        return False
+    with torch.no_grad():
+        adapter.pos_embed.copy_(teacher_pos.to(adapter.pos_embed))
+    return True
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+class _Trainer:
+    def __init__(self, cfg: DistillConfig, model: OVSAM, device: torch.device, rank: int, world: int,
+                 iters_per_epoch: int, total: int) -> None:
+        self.cfg, self.model, self.device, self.rank, self.world = cfg, model, device, rank, world
+        self.ipe, self.total = iters_per_epoch, total
+        self.adapter = model.adapter
+        self.optimizer = build_optimizer(self.adapter, cfg.lr, cfg.weight_decay, cfg.betas)
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_iters, total, cfg.min_lr_ratio)
+        self.wrapped = self.adapter
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(self.adapter, device_ids=ids)
+        self.step = 0
+
+    def autocast(self):
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self, pixels: torch.Tensor, target: torch.Tensor) -> float:
+        pixels = pixels.to(self.device, non_blocking=True)
+        target = target.to(self.device, non_blocking=True)
+        with self.autocast():
+            with torch.no_grad():
+                feats = self.model.trunk(pixels)
+            pred = self.wrapped(feats)
+        loss = F.mse_loss(pred.float(), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return loss.item()
+
+    def state(self) -> dict:
+        return {
+            "adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.ipe,
+            "total": self.total,
+            "rng": _rng_state(),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()},
+        }
+
+    def load(self, state: dict) -> None:
+        self.adapter.load_state_dict(state["adapter"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        _set_rng_state(state["rng"])
+
+    def save(self) -> tuple[Path, Path]:
+        """Rank 0 writes `last.pth` and `sam2clip_distilled.pth` atomically."""
+        out = Path(self.cfg.out)
+        last, distilled = out / LAST, out / DISTILLED
+        if self.rank == 0:
+            torch_save_atomic(self.state(), last)
+            torch_save_atomic(official_state(self.adapter), distilled)
+        return last, distilled
+
+
+def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
+    """Distill the teacher into `cfg.model`'s adapter; see the module docstring.
+
+    Raises `DistillError` on bad input and `DistillInterrupted` after saving on Ctrl-C.
+    """
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise DistillError("--epochs and --batch-size must be at least 1")
+    if cfg.max_iters is not None and cfg.max_iters < 1:
+        raise DistillError("--max-iters must be at least 1")
+    rank, world = _dist_info()
+    if cfg.batch_size % world:
+        raise DistillError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    per_rank = cfg.batch_size // world
+    out = Path(cfg.out)
+    last_path = out / LAST
+    if cfg.resume and not last_path.is_file():
+        raise DistillError(f"--resume: no {last_path} to resume from")
+    images = find_images(cfg.images)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    spec = resolve_spec(cfg.model)
+    if spec.kind != "ovsam":
+        raise DistillError(f"{cfg.model} is a baseline; distillation needs an OVSAM model")
+    pre = spec.preprocessing
+    size = spec.config.image_size
+    result = DistillResult(step=0, total=0, epoch=0)
+
+    # student (same random init on every rank: seeded)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(spec, random_weights=cfg.clip_pretrained is None, clip_pretrained=cfg.clip_pretrained,
+                        clip_cache_dir=cfg.clip_cache_dir)
+    if cfg.adapter_init is not None:
+        load_weight_file(model, SAM2CLIP, cfg.adapter_init)
+    model.trunk.lock()
+    model.prompt_encoder.requires_grad_(False)
+    model.head.requires_grad_(False)
+    model.fpn.requires_grad_(False)
+    model.to(device)
+    adapter = model.adapter
+    grid = adapter.pos_embed.shape[1]
+    out_chans = adapter.neck[2].out_channels  # conv 3×3 of SAM's neck layout
+
+    # teacher → cache (only the images without an entry; the teacher is not even built otherwise)
+    if cfg.teacher == "tiny":
+        teacher_args = {"tiny_dims": (adapter.pos_embed.shape[-1], spec.config.prompt_dim)}
+    else:
+        teacher_args = {"weights": cfg.teacher_weights}
+    cache_root = Path(cfg.teacher_cache) if cfg.teacher_cache is not None else out / "teacher_cache"
+    try:
+        identity = teacher_identity(cfg.teacher, **teacher_args)
+    except ValueError as e:
+        raise DistillError(str(e)) from e
+    teacher_pos = None
+    cache = TeacherCache(cache_root, identity, size)
+    need_teacher = (not cfg.resume) or any(not cache.has(p) for p in images)
+    if need_teacher:
+        teacher, _ = build_teacher(cfg.teacher, image_size=size, **teacher_args)
+        teacher.to(device)
+        teacher_pos = teacher.pos_embed.detach().cpu() if teacher.pos_embed is not None else None
+        bar = tqdm(total=sum(not cache.has(p) for p in images), desc="teacher", unit="img", file=sys.stderr,
+                   disable=not progress or rank != 0, leave=False)
+        result.teacher_computed = fill_cache(cache, images, teacher, lambda p: load_pixels(p, size, pre.mean, pre.std),
+                                             device=device, batch_size=cfg.teacher_batch, rank=rank,
+                                             world_size=world, progress=bar.update)
+        bar.close()
+        del teacher
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _barrier(world)
+    probe = cache.load(images[0])
+    if tuple(probe.shape) != (out_chans, grid, grid):
+        raise DistillError(f"teacher embeddings are {list(probe.shape)} but {cfg.model}'s adapter gives "
+                           f"[{out_chans}, {grid}, {grid}] (choose a matching --teacher)")
+
+    if not cfg.resume:
+        if copy_pos_embed(adapter, teacher_pos):
+            result.notes.append("adapter position embedding copied from the teacher (kept fixed)")
+        else:
+            result.notes.append("teacher position embedding has another shape: adapter keeps its own")
+    adapter.pos_embed.requires_grad_(False)  # a buffer: never in the optimizer
+
+    dataset = DistillImages(images, cache, size, pre.mean, pre.std)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
+    ipe = math.ceil(len(sampler) / per_rank)
+    total = cfg.epochs * ipe if cfg.max_iters is None else min(cfg.epochs * ipe, cfg.max_iters)
+    trainer = _Trainer(cfg, model, device, rank, world, ipe, total)
+    if cfg.resume:
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        if state.get("total") != total:
+            raise DistillError(f"--resume: {last_path} was made for {state.get('total')} iterations, these "
+                               f"options give {total} (use the same --epochs/--batch-size/--max-iters and images)")
+        trainer.load(state)
+    model.adapter.train()
+    result.total = total
+
+    bar = tqdm(total=total, initial=trainer.step, desc="distill", unit="it", file=sys.stderr,
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    try:
+        while trainer.step < total:
+            epoch = trainer.step // ipe
+            sampler.set_epoch(epoch)
+            order = list(sampler)[(trainer.step - epoch * ipe) * per_rank:]
+            loader = DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=cfg.workers,
+                                pin_memory=device.type == "cuda", drop_last=False)
+            for pixels, target in loader:
+                loss = trainer.train_step(pixels, target)
+                result.losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", lr=f"{trainer.scheduler.get_last_lr()[0]:.3g}", epoch=epoch)
+                if cfg.save_every > 0 and trainer.step % cfg.save_every == 0 and trainer.step < total:
+                    trainer.save()
+                if trainer.step >= total:
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        last, _ = trainer.save()
+        raise DistillInterrupted(trainer.step, last) from None
+    bar.close()
+    result.last, result.distilled = trainer.save()
+    _barrier(world)
+    result.step, result.epoch = trainer.step, trainer.step // ipe
+    return result
