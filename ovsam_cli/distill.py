@@ -65,8 +65,9 @@ def distill(
 ) -> None:
     """Distill SAM ViT-H's image embeddings into a SAM2CLIP adapter on frozen CLIP (paper §3.2, spec §6).
 
-    --checkpoint takes sam=PATH (the teacher's SAM ViT-H checkpoint) and sam2clip=PATH (an
-    adapter to start from). The result loads with `ovsam label --checkpoint sam2clip=OUT/sam2clip_distilled.pth`.
+    The teacher's embeddings are computed once per image and cached (fp16); the student is the frozen CLIP trunk plus the adapter, trained with a per-pixel MSE. Ctrl-C saves OUT/last.pth; --resume continues from it.
+
+    --checkpoint takes sam=PATH (the teacher's SAM ViT-H checkpoint) and sam2clip=PATH (an adapter to start from). The result loads with `ovsam label --checkpoint sam2clip=OUT/sam2clip_distilled.pth`.
     """
     from ovsam_model.builder import resolve_spec
     from ovsam_model.registry import sam_weight

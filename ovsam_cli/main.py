@@ -10,6 +10,7 @@ import typer
 from rich.logging import RichHandler
 
 from ovsam_cli.common import SIGPIPE_EXIT, err_console, exit_broken_pipe
+from ovsam_cli.distill import distill
 from ovsam_cli.eval import eval_command
 from ovsam_cli.label import label
 from ovsam_cli.weights import app as weights_app
@@ -47,6 +48,7 @@ def main(
 # --- sub-commands: register new ones here ----------------------------------------------------
 app.command("label", no_args_is_help=True)(label)
 app.command("eval", no_args_is_help=True)(eval_command)
+app.command("distill", no_args_is_help=True)(distill)
 app.add_typer(weights_app, name="weights")
 
 
