@@ -169,6 +169,9 @@ def vocabulary_from_categories(categories: Sequence[Mapping], name: str = "datas
     vocabulary is returned (so a model's precomputed LVIS embeddings still apply); otherwise
     each name is split with the §4 rule and keeps its dataset id.
     """
+    nameless = [c.get("id") for c in categories if not str(c.get("name", "")).strip()]
+    if nameless:
+        raise ValueError(f"{name}: category {nameless[0]} has no name (give --vocab)")
     pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
     if not pairs:
         raise ValueError(f"{name}: the category list is empty")
