@@ -1,0 +1,144 @@
+"""`ovsam finetune`: train CLIP2SAM (FPN + OVSAM head) on COCO base / LVIS frequent+common (spec §6).
+
+Single process (CPU or one GPU) or `torchrun --nproc_per_node N -m ovsam_cli finetune ...`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ovsam_cli.common import (
+    CacheDirOpt,
+    CheckpointOpt,
+    CliError,
+    ClipWeightsOpt,
+    DeviceOpt,
+    OfflineOpt,
+    QuietOpt,
+    info,
+    resolve_device,
+    user_errors,
+    weight_options,
+)
+
+COMPONENTS = ("sam2clip", "prompt_encoder", "clip2sam")
+
+
+class Dataset(str, Enum):
+    """Which split rule selects the training classes."""
+
+    coco = "coco"
+    lvis = "lvis"
+
+
+def _milestones(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CliError(f"--milestones {text!r}: expected epochs separated by commas, e.g. 8,11") from None
+    if any(v < 1 for v in values):
+        raise CliError(f"--milestones {text!r}: epochs start at 1")
+    return values
+
+
+def finetune(
+    ann: Annotated[Path, typer.Option("--ann", dir_okay=False, help="COCO or LVIS instances JSON (training ground truth).")],
+    images: Annotated[Path, typer.Option("--images", file_okay=False, help="Folder holding the JSON's images (file_name).")],
+    out: Annotated[Path, typer.Option("--out", file_okay=False,
+                                      help="Output folder: last.pth (for --resume) and clip2sam_finetuned.pth (released clip2sam layout).")],
+    dataset: Annotated[Dataset, typer.Option("--dataset", help="coco: the 48 base classes; lvis: frequent + common (rare removed).")] = Dataset.coco,
+    model: Annotated[str, typer.Option("--model", help="An OVSAM registry name (its CLIP, adapter, prompt encoder are frozen); tiny for smoke tests.")] = "ovsam-rn50x16-coco",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the images.")] = 12,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Global batch of images (split over torchrun processes).")] = 16,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay (none on norms, biases, embeddings).")] = 0.05,
+    warmup_iters: Annotated[int, typer.Option("--warmup-iters", min=0, help="Linear warm-up iterations.")] = 500,
+    milestones: Annotated[str, typer.Option("--milestones", help="Epochs at which the lr is multiplied by 0.1 (comma-separated).")] = "8,11",
+    grad_clip: Annotated[float, typer.Option("--grad-clip", min=0.0, help="Gradient-norm clip (0: none).")] = 0.01,
+    prompts_per_image: Annotated[int, typer.Option("--prompts-per-image", min=2, help="Prompts per image: half GT boxes, half one positive point.")] = 40,
+    resize_min: Annotated[Optional[float], typer.Option("--resize-min", min=0.01, help="Smallest random resize ratio of the 1024 scale (default 0.9 COCO, 0.1 LVIS).")] = None,
+    resize_max: Annotated[float, typer.Option("--resize-max", min=0.01, help="Largest random resize ratio of the 1024 scale.")] = 2.0,
+    max_iters: Annotated[Optional[int], typer.Option("--max-iters", min=1, help="Stop after N iterations (also the schedule's length; smoke tests).")] = None,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save last.pth and the weights every N iterations (0: only at the end).")] = 1000,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")] = 4,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth (same options and data).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation, data order, augmentation and prompts.")] = 0,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (losses stay float32).")] = True,
+    device: DeviceOpt = "auto",
+    cache_dir: CacheDirOpt = None,
+    offline: OfflineOpt = False,
+    checkpoint: CheckpointOpt = None,
+    clip_weights: ClipWeightsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Finetune CLIP2SAM: the FPN and the mask/label/RoI head on frozen CLIP + SAM2CLIP (paper §3.3, spec §6).
+
+    Losses: CE over every class of the JSON + background (2.0; background 0.1), BCE (5.0) and Dice (5.0) on 12,544 uncertainty-sampled mask points. Ctrl-C saves OUT/last.pth; --resume continues from it.
+
+    --checkpoint takes sam2clip=PATH (the frozen adapter, e.g. from `ovsam distill`), prompt_encoder=PATH and clip2sam=PATH (weights to start from; default: random FPN and head). The result loads with `ovsam label --checkpoint clip2sam=OUT/clip2sam_finetuned.pth`.
+    """
+    from ovsam_model.builder import resolve_spec
+    from ovsam_model.train.finetune import (
+        FinetuneConfig,
+        FinetuneError,
+        FinetuneInterrupted,
+        run_finetune,
+    )
+    from ovsam_model.weights import clip_cache_dir, clip_pretrained_arg, resolve_cache_dir, resolve_weights, sha256_of
+
+    with user_errors(also=(FinetuneError,)):
+        if not ann.is_file():
+            raise CliError(f"--ann {ann}: no such file")
+        if not images.is_dir():
+            raise CliError(f"--images {images}: no such folder")
+        steps = _milestones(milestones)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None
+        quiet = quiet or rank != 0
+        opts = weight_options(cache_dir, offline, checkpoint, clip_weights, components=COMPONENTS)
+        overrides = opts["overrides"] or {}
+        spec = resolve_spec(model)
+        wanted = [c for c in ("sam2clip", "prompt_encoder") if c in spec.components] + \
+                 (["clip2sam"] if "clip2sam" in overrides else [])
+        weights = resolve_weights(spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides,
+                                  components=wanted, progress=not quiet)
+        clip_arg = clip_pretrained_arg(spec, clip_weights, opts["offline"], cache_dir)
+        clip_tag = None
+        if clip_arg is not None:
+            clip_tag = f"sha256:{sha256_of(Path(clip_weights))}" if clip_weights else spec.clip_pretrained
+        ratio = None if resize_min is None else (resize_min, resize_max)
+        if ratio is None and resize_max != 2.0:
+            ratio = ({"coco": 0.9, "lvis": 0.1}[dataset.value], resize_max)
+        if ratio is not None and ratio[0] > ratio[1]:
+            raise CliError(f"--resize-min {ratio[0]} is larger than --resize-max {ratio[1]}")
+        cfg = FinetuneConfig(
+            ann=ann, images=images, out=out, dataset=dataset.value, model=model, epochs=epochs, batch_size=batch_size,
+            lr=lr, weight_decay=weight_decay, warmup_iters=warmup_iters, milestones=steps, grad_clip=grad_clip,
+            prompts_per_image=prompts_per_image, resize_ratio=ratio, max_iters=max_iters, save_every=save_every,
+            workers=workers, device=resolve_device(device, local_rank), resume=resume, seed=seed, amp=amp,
+            weights=weights, clip_pretrained=clip_arg,
+            clip_cache_dir=clip_cache_dir(cache_dir) if clip_arg is not None else None,
+            clip_tag=clip_tag, cache_dir=resolve_cache_dir(cache_dir),
+        )
+        try:
+            result = run_finetune(cfg, progress=not quiet)
+        except FinetuneInterrupted as e:
+            again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
+            info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=rank != 0)
+            info(f"resume with: ovsam {shlex.join(again)}", quiet=rank != 0)
+            raise typer.Exit(130) from None
+    last = result.losses[-1] if result.losses else None
+    last_loss = (f", last loss {last['loss']:.4g} (ce {last['ce']:.3g}, bce {last['bce']:.3g}, "
+                 f"dice {last['dice']:.3g})") if last else ""
+    info(f"{result.step}/{result.total} iterations (epoch {result.epoch}) on {result.images} image(s){last_loss}; "
+         f"resume state: {result.last}", quiet)
+    if rank == 0:
+        typer.echo(str(result.finetuned))

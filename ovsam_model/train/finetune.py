@@ -1,0 +1,382 @@
+"""CLIP2SAM finetuning (spec §6): train the FPN and the OVSAM head (decoder, label token/MLP,
+roi_conv) on COCO base classes or LVIS frequent+common, with CLIP, the SAM2CLIP adapter and the
+prompt encoder frozen (run under no_grad).
+
+Per image 40 prompts (half GT boxes, half one positive point); per prompt: the mask decoder's
+256² logits (BCE 5.0 + Dice 5.0 on 12,544 uncertainty-sampled points) and the region embedding
+pooled on the GT box from the FPN (CE 2.0 over every dataset class + background, weight 0.1).
+
+One process on CPU or one GPU, or several under torchrun (DistributedDataParallel on FPN + head,
+DistributedSampler; only rank 0 writes). Outputs in `out`: `last.pth` (what `resume` continues
+from) and `clip2sam_finetuned.pth` in the released `clip2sam_*.pth` layout.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from ..atomic import torch_save_atomic
+from ..builder import build_model, resolve_spec
+from ..classify import add_background, class_logits, classification_loss
+from ..modeling.clip2sam import CLIP2SAMFPN, multilevel_roi_align
+from ..modeling.decoder import OVSAMHead
+from ..modeling.ovsam import OVSAM
+from ..vocab import text_embeddings
+from .distill import _barrier, _dist_info, _rng_state, _set_rng_state
+from .finetune_data import (
+    Augment,
+    FinetuneDataError,
+    FinetuneDataset,
+    collate,
+    collect_images,
+    read_annotations,
+    resize_ratio,
+)
+from .losses import mask_point_losses
+from .schedule import build_optimizer
+
+LAST = "last.pth"
+FINETUNED = "clip2sam_finetuned.pth"
+FPN_PREFIX = "fpn_neck."
+HEAD_PREFIX = "mask_decoder."
+
+
+class FinetuneError(ValueError):
+    """A finetuning run that cannot start or go on (bad input, mismatched checkpoint)."""
+
+
+class FinetuneInterrupted(Exception):
+    """Ctrl-C during training: `last.pth` was saved at `step` (by rank 0)."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at iteration {step}; saved {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a run needs. `batch_size` is the global batch (split over the processes);
+    `milestones` are epochs at which the lr is multiplied by 0.1; `max_iters` caps the run (and
+    the schedule). `weights`: component → file loaded strictly into the model before training
+    (`sam2clip`, `prompt_encoder`, optionally `clip2sam` to start from); `clip_pretrained`:
+    open_clip's `pretrained=` (None: random CLIP, tests); `clip_tag`: identity of those CLIP
+    weights for the text-embedding cache (None: no cache)."""
+
+    ann: Path
+    images: Path
+    out: Path
+    dataset: str = "coco"
+    model: str = "ovsam-rn50x16-coco"
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = 500
+    milestones: tuple[int, ...] = (8, 11)
+    gamma: float = 0.1
+    grad_clip: float = 0.01
+    prompts_per_image: int = 40
+    num_points: int = 12544
+    oversample: float = 3.0
+    importance: float = 0.75
+    ce_weight: float = 2.0
+    bg_weight: float = 0.1
+    bce_weight: float = 5.0
+    dice_weight: float = 5.0
+    resize_ratio: Optional[tuple[float, float]] = None  # None: (0.9, 2.0) COCO, (0.1, 2.0) LVIS
+    flip: float = 0.5
+    max_iters: Optional[int] = None
+    save_every: int = 1000
+    workers: int = 4
+    device: str = "cpu"
+    resume: bool = False
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA (losses in float32)
+    weights: Mapping[str, Path] = field(default_factory=dict)
+    clip_pretrained: Optional[str] = None
+    clip_cache_dir: Optional[Path] = None
+    clip_tag: Optional[str] = None
+    cache_dir: Optional[Path] = None  # text-embedding cache root
+
+
+@dataclass
+class FinetuneResult:
+    step: int  # iterations done in total (over all runs)
+    total: int  # the schedule's horizon
+    epoch: int
+    images: int = 0  # training images (with at least one usable instance)
+    losses: list[dict] = field(default_factory=list)  # this run's per-iteration losses (rank 0's batch)
+    last: Optional[Path] = None
+    finetuned: Optional[Path] = None
+
+
+def lr_factor(step: int, warmup: int, milestones: Sequence[int], gamma: float = 0.1) -> float:
+    """Multiplier of the base lr at iteration `step` (0-based): (step + 1) / warmup during the
+    warm-up, times gamma per milestone iteration already reached."""
+    warm = (step + 1) / warmup if step < warmup else 1.0
+    return warm * gamma ** sum(step >= m for m in milestones)
+
+
+def official_state(fpn: CLIP2SAMFPN, head: OVSAMHead) -> dict[str, torch.Tensor]:
+    """FPN + head in the released `clip2sam_*_rn50x16.pth` layout (`fpn_neck.*`, `mask_decoder.*`)."""
+    out = {FPN_PREFIX + fpn.local_key_map(k): v.detach().cpu().clone() for k, v in fpn.state_dict().items()}
+    out.update({HEAD_PREFIX + k: v.detach().cpu().clone() for k, v in head.state_dict().items()})
+    return out
+
+
+class CLIP2SAMTrainable(nn.Module):
+    """The trainable part (FPN + head) as one module, so DDP sees a single forward.
+
+    forward: CLIP C2..C5 and the adapter's embeddings of B images, per-image prompt encodings →
+    mask logits [N, 1, S/4, S/4] and region embeddings [N, D] of all N prompts, image-major.
+    """
+
+    def __init__(self, fpn: CLIP2SAMFPN, head: OVSAMHead, roi_size: int, finest_scale: float) -> None:
+        super().__init__()
+        self.fpn, self.head = fpn, head
+        self.roi_size, self.finest_scale = roi_size, finest_scale
+
+    def forward(self, clip_feats: list[torch.Tensor], embeddings: torch.Tensor, image_pe: torch.Tensor,
+                groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """groups: (image index, sparse [n, T, C], dense [n, C, h, w], RoI boxes [n, 4] XYXY)."""
+        fpn = self.fpn(clip_feats)
+        dtype = embeddings.dtype
+        masks, labels, rois = [], [], []
+        for b, sparse, dense, boxes in groups:
+            m, label = self.head.decode(embeddings[b : b + 1], image_pe.to(dtype), sparse.to(dtype), dense.to(dtype))
+            masks.append(m)
+            labels.append(label)
+            rois.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(b)), boxes.float()], dim=1))
+        roi_feats = multilevel_roi_align(fpn, torch.cat(rois), self.roi_size, finest_scale=self.finest_scale)
+        region = self.head.region_embed(roi_feats.to(fpn[0].dtype), torch.cat(labels))
+        return torch.cat(masks), region
+
+
+class _Trainer:
+    def __init__(self, cfg: FinetuneConfig, model: OVSAM, class_embeds: torch.Tensor, device: torch.device,
+                 rank: int, world: int, iters_per_epoch: int, total: int) -> None:
+        self.cfg, self.model, self.device, self.rank, self.world = cfg, model, device, rank, world
+        self.ipe, self.total = iters_per_epoch, total
+        self.class_embeds = add_background(class_embeds).to(device)
+        self.trainable = CLIP2SAMTrainable(model.fpn, model.head, model.cfg.roi_size, model.cfg.finest_scale)
+        self.optimizer = build_optimizer(self.trainable, cfg.lr, cfg.weight_decay, cfg.betas)
+        milestones = [m * iters_per_epoch for m in cfg.milestones]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_iters, milestones, cfg.gamma))
+        self.wrapped: nn.Module = self.trainable
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.trainable, device_ids=ids)
+        self.step = 0
+
+    def autocast(self):
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The weighted loss terms of one batch (float32) and their sum under "loss"."""
+        cfg, model = self.cfg, self.model
+        pixels = batch["pixels"].to(self.device, non_blocking=True)
+        with self.autocast():
+            with torch.no_grad():
+                clip_feats = model.trunk(pixels)
+                embeddings = model.adapter(clip_feats)
+                groups, targets, labels = [], [], []
+                image_pe = None
+                for b in range(pixels.shape[0]):
+                    is_box = batch["is_box"][b].to(self.device)
+                    boxes = batch["boxes"][b].to(self.device)
+                    points = batch["points"][b].to(self.device)
+                    inst = batch["instance"][b].to(self.device)
+                    masks = batch["masks"][b].to(self.device)
+                    cls = batch["labels"][b].to(self.device)
+                    for sel, use_box in ((is_box, True), (~is_box, False)):
+                        if not sel.any():
+                            continue
+                        if use_box:
+                            sparse, dense, image_pe = model.encode_prompts(boxes[sel], None, None)
+                        else:
+                            pts = points[sel]
+                            sparse, dense, image_pe = model.encode_prompts(
+                                None, pts, torch.ones(pts.shape[:2], dtype=torch.long, device=self.device))
+                        groups.append((b, sparse, dense, boxes[sel]))
+                        targets.append(masks[inst[sel]])
+                        labels.append(cls[inst[sel]])
+            mask_logits, region = self.wrapped(clip_feats, embeddings, image_pe, groups)
+        gt = torch.cat(targets)[:, None]  # [N, 1, S, S] bool
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(cfg.seed * 1_000_003 + self.step * self.world + self.rank)  # resumable
+        bce, dice = mask_point_losses(mask_logits.float(), gt, cfg.num_points, cfg.oversample, cfg.importance,
+                                      generator=gen)
+        logits = class_logits(region.float(), self.class_embeds)
+        ce = classification_loss(logits, torch.cat(labels), cfg.bg_weight)
+        terms = {"ce": cfg.ce_weight * ce, "bce": cfg.bce_weight * bce, "dice": cfg.dice_weight * dice}
+        terms["loss"] = terms["ce"] + terms["bce"] + terms["dice"]
+        return terms
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        terms = self.losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {k: v.item() for k, v in terms.items()}
+
+    def state(self) -> dict:
+        return {
+            "fpn": {k: v.detach().cpu() for k, v in self.model.fpn.state_dict().items()},
+            "head": {k: v.detach().cpu() for k, v in self.model.head.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.ipe,
+            "total": self.total,
+            "rng": _rng_state(),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()
+                       if k != "weights"},
+        }
+
+    def load(self, state: dict) -> None:
+        self.model.fpn.load_state_dict(state["fpn"], strict=True)
+        self.model.head.load_state_dict(state["head"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        _set_rng_state(state["rng"])
+
+    def save(self) -> tuple[Path, Path]:
+        """Rank 0 writes `last.pth` and `clip2sam_finetuned.pth` atomically."""
+        out = Path(self.cfg.out)
+        last, finetuned = out / LAST, out / FINETUNED
+        if self.rank == 0:
+            torch_save_atomic(self.state(), last)
+            torch_save_atomic(official_state(self.model.fpn, self.model.head), finetuned)
+        return last, finetuned
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    if cfg.dataset not in ("coco", "lvis"):
+        raise FinetuneError(f"--dataset must be coco or lvis, not {cfg.dataset!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.prompts_per_image < 2:
+        raise FinetuneError("--epochs and --batch-size must be at least 1, --prompts-per-image at least 2")
+    if cfg.max_iters is not None and cfg.max_iters < 1:
+        raise FinetuneError("--max-iters must be at least 1")
+    if not Path(cfg.ann).is_file():
+        raise FinetuneError(f"annotations not found: {cfg.ann}")
+    if not Path(cfg.images).is_dir():
+        raise FinetuneError(f"images folder not found: {cfg.images}")
+
+
+def build_finetune_model(cfg: FinetuneConfig) -> OVSAM:
+    """The model with `cfg.weights` loaded, frozen for finetuning (same init on every rank: seeded)."""
+    spec = resolve_spec(cfg.model)
+    if spec.kind != "ovsam":
+        raise FinetuneError(f"{cfg.model} is a baseline; finetuning needs an OVSAM model")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(spec, weights=dict(cfg.weights), random_weights=cfg.clip_pretrained is None,
+                            clip_pretrained=cfg.clip_pretrained, clip_cache_dir=cfg.clip_cache_dir)
+    model.trunk.weights_tag = cfg.clip_tag
+    model.freeze_for_finetune()
+    return model
+
+
+def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
+    """Finetune `cfg.model`'s FPN and head; see the module docstring.
+
+    Raises `FinetuneError` on bad input and `FinetuneInterrupted` after saving on Ctrl-C.
+    """
+    _check(cfg)
+    rank, world = _dist_info()
+    if cfg.batch_size % world:
+        raise FinetuneError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    per_rank = cfg.batch_size // world
+    out = Path(cfg.out)
+    last_path = out / LAST
+    if cfg.resume and not last_path.is_file():
+        raise FinetuneError(f"--resume: no {last_path} to resume from")
+    try:
+        gt, vocab, base_ids = read_annotations(cfg.ann, cfg.dataset)
+    except FinetuneDataError as e:
+        raise FinetuneError(str(e)) from e
+    except ValueError as e:  # a category list without the COCO/LVIS split
+        raise FinetuneError(f"{cfg.ann}: {e}") from e
+    spec = resolve_spec(cfg.model)
+    size, pre = spec.config.image_size, spec.preprocessing
+    images = collect_images(gt, cfg.images, base_ids, size)
+    if not images:
+        raise FinetuneError(f"{cfg.ann}: no image has a usable {cfg.dataset} base-class instance")
+    missing = [im.file for im in images if not im.file.is_file()]
+    if missing:
+        raise FinetuneError(f"{len(missing)} annotated image(s) missing under {cfg.images}, e.g. {missing[0].name}")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    model = build_finetune_model(cfg).to(device)
+    class_embeds = text_embeddings(vocab, model.trunk, cache_dir=cfg.cache_dir)
+    aug = Augment(flip=cfg.flip, ratio=resize_ratio(cfg.dataset, cfg.resize_ratio))
+    dataset = FinetuneDataset(images, vocab, size, pre.mean, pre.std, aug, cfg.prompts_per_image, cfg.seed)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
+    ipe = math.ceil(len(sampler) / per_rank)
+    total = cfg.epochs * ipe if cfg.max_iters is None else min(cfg.epochs * ipe, cfg.max_iters)
+    trainer = _Trainer(cfg, model, class_embeds, device, rank, world, ipe, total)
+    if cfg.resume:
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        if state.get("total") != total:
+            raise FinetuneError(f"--resume: {last_path} was made for {state.get('total')} iterations, these "
+                                f"options give {total} (use the same --epochs/--batch-size/--max-iters and data)")
+        trainer.load(state)
+    model.eval()
+    trainer.trainable.train()
+    result = FinetuneResult(step=0, total=total, epoch=0, images=len(images))
+
+    bar = tqdm(total=total, initial=trainer.step, desc="finetune", unit="it", file=sys.stderr,
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    try:
+        while trainer.step < total:
+            epoch = trainer.step // ipe
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            order = list(sampler)[(trainer.step - epoch * ipe) * per_rank:]
+            loader = DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=cfg.workers,
+                                collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False)
+            for batch in loader:
+                terms = trainer.train_step(batch)
+                result.losses.append(terms)
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.4g}", ce=f"{terms['ce']:.3g}", bce=f"{terms['bce']:.3g}",
+                                dice=f"{terms['dice']:.3g}", lr=f"{trainer.scheduler.get_last_lr()[0]:.3g}",
+                                epoch=epoch)
+                if cfg.save_every > 0 and trainer.step % cfg.save_every == 0 and trainer.step < total:
+                    trainer.save()
+                if trainer.step >= total:
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        last, _ = trainer.save()
+        raise FinetuneInterrupted(trainer.step, last) from None
+    except FinetuneDataError as e:
+        bar.close()
+        raise FinetuneError(str(e)) from e
+    bar.close()
+    result.last, result.finetuned = trainer.save()
+    _barrier(world)
+    result.step, result.epoch = trainer.step, trainer.step // ipe
+    return result
