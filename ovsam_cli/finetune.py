@@ -28,7 +28,7 @@ from ovsam_cli.common import (
     weight_options,
 )
 
-COMPONENTS = ("sam2clip", "prompt_encoder", "clip2sam")
+COMPONENTS = ("sam2clip", "prompt_encoder", "clip2sam", "sam_decoder")
 
 
 class Dataset(str, Enum):
@@ -82,7 +82,7 @@ def finetune(
 
     Losses: CE over every class of the JSON + background (2.0; background 0.1), BCE (5.0) and Dice (5.0) on 12,544 uncertainty-sampled mask points. Ctrl-C saves OUT/last.pth; --resume continues from it.
 
-    --checkpoint takes sam2clip=PATH (the frozen adapter, e.g. from `ovsam distill`), prompt_encoder=PATH and clip2sam=PATH (weights to start from; default: random FPN and head). The result loads with `ovsam label --checkpoint clip2sam=OUT/clip2sam_finetuned.pth`.
+    --checkpoint takes sam2clip=PATH (the frozen adapter, e.g. from `ovsam distill`), prompt_encoder=PATH, clip2sam=PATH (FPN and head to start from) and sam_decoder=PATH (a SAM checkpoint whose mask decoder starts the one-token decoder; by default SAM ViT-H's, extracted once into the cache; the FPN, label token and roi_conv start random). The result loads with `ovsam label --checkpoint clip2sam=OUT/clip2sam_finetuned.pth`.
     """
     from ovsam_model.builder import resolve_spec
     from ovsam_model.train.finetune import (
@@ -91,7 +91,9 @@ def finetune(
         FinetuneInterrupted,
         run_finetune,
     )
-    from ovsam_model.weights import clip_cache_dir, clip_pretrained_arg, resolve_cache_dir, resolve_weights, sha256_of
+    from ovsam_model.registry import sam_decoder_weight
+    from ovsam_model.weights import (clip_cache_dir, clip_pretrained_arg, fetch_file, resolve_cache_dir, resolve_weights,
+                                     sha256_of)
 
     with user_errors(also=(FinetuneError,)):
         if not ann.is_file():
@@ -108,8 +110,13 @@ def finetune(
         spec = resolve_spec(model)
         wanted = [c for c in ("sam2clip", "prompt_encoder") if c in spec.components] + \
                  (["clip2sam"] if "clip2sam" in overrides else [])
+        sam_decoder_path = overrides.pop("sam_decoder", None)
         weights = resolve_weights(spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides,
                                   components=wanted, progress=not quiet)
+        if sam_decoder_path is None and spec.files and "clip2sam" not in overrides:
+            # the released setting: the decoder starts from SAM ViT-H's (extracted once, 16 MB, cached)
+            sam_decoder_path = fetch_file(sam_decoder_weight("vit_h"), cache_dir=cache_dir, offline=opts["offline"],
+                                          progress=not quiet, model=model)
         clip_arg = clip_pretrained_arg(spec, clip_weights, opts["offline"], cache_dir)
         clip_tag = None
         if clip_arg is not None:
@@ -124,7 +131,7 @@ def finetune(
             lr=lr, weight_decay=weight_decay, warmup_iters=warmup_iters, milestones=steps, grad_clip=grad_clip,
             prompts_per_image=prompts_per_image, resize_ratio=ratio, max_iters=max_iters, save_every=save_every,
             workers=workers, device=resolve_device(device, local_rank), resume=resume, seed=seed, amp=amp,
-            weights=weights, clip_pretrained=clip_arg,
+            weights=weights, sam_decoder=sam_decoder_path, clip_pretrained=clip_arg,
             clip_cache_dir=clip_cache_dir(cache_dir) if clip_arg is not None else None,
             clip_tag=clip_tag, cache_dir=resolve_cache_dir(cache_dir),
         )

@@ -12,6 +12,7 @@ from rich.logging import RichHandler
 from ovsam_cli.common import SIGPIPE_EXIT, err_console, exit_broken_pipe
 from ovsam_cli.distill import distill
 from ovsam_cli.eval import eval_command
+from ovsam_cli.finetune import finetune
 from ovsam_cli.label import label
 from ovsam_cli.weights import app as weights_app
 
@@ -49,6 +50,7 @@ def main(
 app.command("label", no_args_is_help=True)(label)
 app.command("eval", no_args_is_help=True)(eval_command)
 app.command("distill", no_args_is_help=True)(distill)
+app.command("finetune", no_args_is_help=True)(finetune)
 app.add_typer(weights_app, name="weights")
 
 

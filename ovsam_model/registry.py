@@ -138,6 +138,19 @@ def prompt_encoder_weight(variant: str = "vit_h") -> WeightFile:
     )
 
 
+def sam_decoder_weight(variant: str = "vit_h") -> WeightFile:
+    """SAM's mask decoder (4 M params), extracted once from the full SAM checkpoint: where
+    `ovsam finetune` starts the one-token decoder from (token 0, spec §2)."""
+    return replace(
+        sam_weight(variant),
+        component="sam_decoder",
+        targets=(("mask_decoder.", "head.mask_decoder"),),
+        description=f"SAM {variant} mask decoder, extracted from {SAM_CHECKPOINTS[variant]} (finetune init)",
+        extract_to=f"sam_{variant}_mask_decoder.pth",
+        ignore_other_keys=True,
+    )
+
+
 # --- OVSAM files ------------------------------------------------------------------------------
 
 SAM2CLIP = WeightFile(

@@ -13,7 +13,7 @@ def _ovsam(*args: str) -> subprocess.CompletedProcess:
 def test_every_command_is_registered():
     res = _ovsam("--help")
     assert res.returncode == 0
-    for command in ("label", "eval", "distill", "weights"):
+    for command in ("label", "eval", "distill", "finetune", "weights"):
         assert command in res.stdout
 
 

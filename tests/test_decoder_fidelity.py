@@ -9,7 +9,7 @@ from PIL import Image
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from ovsam_model.config import TINY
-from ovsam_model.modeling.decoder import OVSAMHead
+from ovsam_model.modeling.decoder import OVSAMHead, one_token_state_from_sam
 from ovsam_model.modeling.sam2clip import SAM2CLIPAdapter
 from ovsam_model.modeling.clip_trunk import ClipTrunk
 from ovsam_model.transforms import boxes_to_model, coords_to_model, prepare_image
@@ -41,11 +41,7 @@ def sam_and_ours():
     sam_decoder.eval()
     head = OVSAMHead().eval()
     sd = sam_decoder.state_dict()
-    ours = {k: v for k, v in sd.items()
-            if not k.startswith(("iou_token", "iou_prediction_head", "output_hypernetworks_mlps.1",
-                                 "output_hypernetworks_mlps.2", "output_hypernetworks_mlps.3"))}
-    ours["mask_tokens.weight"] = sd["mask_tokens.weight"][:1]
-    head.mask_decoder.load_state_dict(ours, strict=True)
+    head.mask_decoder.load_state_dict(one_token_state_from_sam(sd), strict=True)
     # SAM's IoU token sits where our label token sits: the first output token.
     head.label_token.weight.data.copy_(sd["iou_token.weight"])
     return prompt, sam_decoder, head

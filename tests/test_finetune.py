@@ -320,3 +320,31 @@ def test_recipe_smoke_run(coco, tmp_path):
                            "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / FT.FINETUNED).is_file()
+
+
+def test_decoder_starts_from_sams_single_mask_token(tmp_path):
+    """CLIP2SAM's one-token decoder is initialised from SAM's decoder (token 0, no IoU branch)."""
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    from ovsam_model.config import TINY
+
+    sam_decoder = MaskDecoder(transformer_dim=TINY.prompt_dim, num_multimask_outputs=3,
+                              transformer=TwoWayTransformer(depth=TINY.decoder_depth, embedding_dim=TINY.prompt_dim,
+                                                            mlp_dim=TINY.decoder_mlp_dim, num_heads=TINY.decoder_heads))
+    sam_file = tmp_path / "sam.pth"
+    torch.save({"mask_decoder." + k: v for k, v in sam_decoder.state_dict().items()}
+               | {"image_encoder.neck.0.weight": torch.zeros(1)}, sam_file)
+    model = FT.build_finetune_model(FT.FinetuneConfig(ann=Path("x"), images=Path("y"), out=Path("z"), model="tiny",
+                                                      sam_decoder=sam_file))
+    ours = model.head.mask_decoder.state_dict()
+    ref = sam_decoder.state_dict()
+    torch.testing.assert_close(ours["mask_tokens.weight"], ref["mask_tokens.weight"][:1])
+    torch.testing.assert_close(ours["transformer.layers.0.self_attn.q_proj.weight"],
+                               ref["transformer.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(ours["output_hypernetworks_mlps.0.layers.2.weight"],
+                               ref["output_hypernetworks_mlps.0.layers.2.weight"])
+    bad = tmp_path / "bad.pth"
+    torch.save({"image_encoder.x": torch.zeros(1)}, bad)
+    with pytest.raises(FT.FinetuneError, match="mask_decoder"):
+        FT.build_finetune_model(FT.FinetuneConfig(ann=Path("x"), images=Path("y"), out=Path("z"), model="tiny",
+                                                  sam_decoder=bad))

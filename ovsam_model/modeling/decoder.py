@@ -105,3 +105,16 @@ class OVSAMHead(nn.Module):
         if label_embed is not None:
             region = region + (label_embed if self.label_token_enabled else label_embed * 0.0)
         return region
+
+
+SAM_DECODER_DROPPED = ("iou_token.", "iou_prediction_head.", "output_hypernetworks_mlps.1.",
+                       "output_hypernetworks_mlps.2.", "output_hypernetworks_mlps.3.")
+
+
+def one_token_state_from_sam(sam_decoder_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAM's `mask_decoder.*` state (prefix removed) → the state of `OneTokenMaskDecoder`: the IoU
+    token and head and the multimask tokens' MLPs dropped, the single-mask token 0 kept
+    (spec §2: CLIP2SAM's decoder starts from SAM's)."""
+    out = {k: v for k, v in sam_decoder_state.items() if not k.startswith(SAM_DECODER_DROPPED)}
+    out["mask_tokens.weight"] = sam_decoder_state["mask_tokens.weight"][:1]
+    return out

@@ -29,7 +29,8 @@ from ..atomic import torch_save_atomic
 from ..builder import build_model, resolve_spec
 from ..classify import add_background, class_logits, classification_loss
 from ..modeling.clip2sam import CLIP2SAMFPN, multilevel_roi_align
-from ..modeling.decoder import OVSAMHead
+from ..checkpoint import read_checkpoint
+from ..modeling.decoder import OVSAMHead, one_token_state_from_sam
 from ..modeling.ovsam import OVSAM
 from ..vocab import text_embeddings
 from .distill import _barrier, _dist_info, _rng_state, _set_rng_state
@@ -105,6 +106,7 @@ class FinetuneConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (losses in float32)
     weights: Mapping[str, Path] = field(default_factory=dict)
+    sam_decoder: Optional[Path] = None  # SAM's mask decoder (`registry.sam_decoder_weight`) to start from
     clip_pretrained: Optional[str] = None
     clip_cache_dir: Optional[Path] = None
     clip_tag: Optional[str] = None
@@ -292,9 +294,27 @@ def build_finetune_model(cfg: FinetuneConfig) -> OVSAM:
         torch.manual_seed(cfg.seed)
         model = build_model(spec, weights=dict(cfg.weights), random_weights=cfg.clip_pretrained is None,
                             clip_pretrained=cfg.clip_pretrained, clip_cache_dir=cfg.clip_cache_dir)
+    if cfg.sam_decoder is not None and "clip2sam" not in cfg.weights:
+        init_decoder_from_sam(model, cfg.sam_decoder)
     model.trunk.weights_tag = cfg.clip_tag
     model.freeze_for_finetune()
     return model
+
+
+def init_decoder_from_sam(model: OVSAM, path: Path) -> None:
+    """Start the one-token decoder from SAM's mask decoder (its single-mask token 0), as CLIP2SAM
+    does; the label token/MLP, roi_conv and FPN keep their random init."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict):
+        raise FinetuneError(f"{path}: expected a SAM checkpoint, found a bare tensor")
+    decoder = {k[len("mask_decoder."):]: v for k, v in state.items() if k.startswith("mask_decoder.")}
+    if not decoder:
+        raise FinetuneError(f"{path}: no mask_decoder.* keys (not a SAM checkpoint)")
+    try:
+        model.head.mask_decoder.load_state_dict(one_token_state_from_sam(decoder), strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise FinetuneError(f"{path}: SAM's decoder does not fit {type(model.head).__name__} "
+                            f"({str(e).splitlines()[0]})") from None
 
 
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
