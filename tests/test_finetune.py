@@ -348,3 +348,26 @@ def test_decoder_starts_from_sams_single_mask_token(tmp_path):
     with pytest.raises(FT.FinetuneError, match="mask_decoder"):
         FT.build_finetune_model(FT.FinetuneConfig(ann=Path("x"), images=Path("y"), out=Path("z"), model="tiny",
                                                   sam_decoder=bad))
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_finetune_and_distill(coco, tmp_path):
+    """DDP with 2 CPU processes (gloo): every trainable parameter gets a gradient on every step
+    (an FPN level without RoIs once made the second step fail), and only rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    root = coco[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ovsam_cli"]
+    common = ["--model", "tiny", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--quiet"]
+    ft = subprocess.run(run + ["finetune", "--ann", str(root / "gt.json"), "--images", str(root / "images"),
+                               "--out", str(tmp_path / "ft"), "--max-iters", "3", "--prompts-per-image", "8", *common],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert ft.returncode == 0, ft.stderr[-2000:]
+    assert (tmp_path / "ft" / FT.FINETUNED).is_file()
+    di = subprocess.run(run + ["distill", "--images", str(root / "images"), "--out", str(tmp_path / "di"),
+                               "--teacher", "tiny", "--max-iters", "2", *common],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert di.returncode == 0, di.stderr[-2000:]

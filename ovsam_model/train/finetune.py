@@ -163,6 +163,10 @@ class CLIP2SAMTrainable(nn.Module):
             rois.append(torch.cat([boxes.new_full((boxes.shape[0], 1), float(b)), boxes.float()], dim=1))
         roi_feats = multilevel_roi_align(fpn, torch.cat(rois), self.roi_size, finest_scale=self.finest_scale)
         region = self.head.region_embed(roi_feats.to(fpn[0].dtype), torch.cat(labels))
+        # An FPN level that no RoI picked gets no gradient, which DDP reports as an unused parameter
+        # on the next step; a zero-weighted term keeps every level in the graph (cheaper than
+        # find_unused_parameters=True).
+        region = region + 0.0 * sum(f.float().mean() for f in fpn)
         return torch.cat(masks), region
 
 

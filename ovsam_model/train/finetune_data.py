@@ -213,7 +213,10 @@ class FinetuneDataset(Dataset):
                 raise FinetuneDataError(f"{item.file}: no instance mask survives the resize")
         out, labels = out[keep], labels[keep]
         prompts = make_prompts(out, self.count, rng)
-        return {"pixels": pixels, "masks": torch.from_numpy(out), "labels": torch.from_numpy(labels),
+        # ship only the masks the prompts use (an LVIS image can have hundreds of instances)
+        used, prompts["instance"] = torch.unique(prompts["instance"], return_inverse=True)
+        used = used.numpy()
+        return {"pixels": pixels, "masks": torch.from_numpy(out[used]), "labels": torch.from_numpy(labels[used]),
                 "index": i, **prompts}
 
 
