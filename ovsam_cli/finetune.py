@@ -58,7 +58,7 @@ def finetune(
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the images.")] = 12,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Global batch of images (split over torchrun processes).")] = 16,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay (none on norms, biases, embeddings).")] = 0.05,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay (none on 1-D parameters: norms and biases).")] = 0.05,
     warmup_iters: Annotated[int, typer.Option("--warmup-iters", min=0, help="Linear warm-up iterations.")] = 500,
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs at which the lr is multiplied by 0.1 (comma-separated).")] = "8,11",
     grad_clip: Annotated[float, typer.Option("--grad-clip", min=0.0, help="Gradient-norm clip (0: none).")] = 0.01,

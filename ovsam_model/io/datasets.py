@@ -77,8 +77,12 @@ def read_size(path: Path) -> Optional[tuple[int, int]]:
     return height, width
 
 
-def _lvis_file(root: Path, url: str) -> str:
+def lvis_file_name(root: Path, url: str) -> str:
+    """An LVIS image's file under `root` from its `coco_url`: `NAME`, or `SPLIT/NAME` when only that
+    exists (LVIS v1 mixes train2017 and val2017 images)."""
     parts = Path(urlparse(url).path).parts
+    if not parts:
+        return ""
     base = parts[-1]
     if not (root / base).exists() and len(parts) >= 2 and (root / parts[-2] / base).exists():
         return f"{parts[-2]}/{base}"
@@ -115,7 +119,7 @@ def load_image_source(images_dir: Path, ann: Optional[Path] = None) -> ImageSour
             name = str(img["file_name"])
         elif "coco_url" in img:
             source.kind = "lvis"
-            name = _lvis_file(images_dir, str(img["coco_url"]))
+            name = lvis_file_name(images_dir, str(img["coco_url"]))
         else:
             raise InputError(f"--ann {ann}: images[{i}]: missing field 'file_name' (COCO) or 'coco_url' (LVIS)")
         image_id = int(img["id"])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from ..io.datasets import lvis_file_name
 from ..io.loader import read_rgb
 from ..splits import coco_split_ids, lvis_split_ids
 from ..vocab import Vocabulary, vocabulary_from_categories
@@ -84,7 +85,7 @@ def collect_images(gt: dict, images_dir: Path, base_ids: set[int], size: int = 1
         scale = (size / max(h, w)) ** 2
         if not any(float(a.get("area", 0)) * scale >= min_area for a in anns):
             continue
-        name = im.get("file_name") or Path(im.get("coco_url", "")).name
+        name = im.get("file_name") or lvis_file_name(Path(images_dir), str(im.get("coco_url", "")))
         out.append(TrainImage(file=Path(images_dir) / name, height=h, width=w, anns=anns))
     return out
 
