@@ -13,17 +13,14 @@ Outputs in `out`: `last.pth` (adapter, optimizer, scheduler, step, epoch, RNG st
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
@@ -36,6 +33,7 @@ from ..modeling.ovsam import OVSAM
 from ..modeling.sam2clip import SAM2CLIPAdapter
 from ..registry import SAM2CLIP
 from ..transforms import prepare_image
+from .common import TrainingInterrupted, barrier, dist_info, rng_state, set_rng_state, train_autocast
 from .schedule import build_optimizer, build_scheduler
 from .teacher_cache import TeacherCache, build_teacher, fill_cache, teacher_identity
 
@@ -49,13 +47,8 @@ class DistillError(ValueError):
     """A distillation run that cannot start or go on (bad input, mismatched checkpoint)."""
 
 
-class DistillInterrupted(Exception):
-    """Ctrl-C during training: `last.pth` was saved at `step` (by rank 0)."""
-
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted at iteration {step}; saved {checkpoint}")
-        self.step = step
-        self.checkpoint = checkpoint
+class DistillInterrupted(TrainingInterrupted):
+    """Ctrl-C during distillation: `last.pth` was saved at `step` (by rank 0)."""
 
 
 @dataclass
@@ -153,36 +146,6 @@ def copy_pos_embed(adapter: SAM2CLIPAdapter, teacher_pos: Optional[torch.Tensor]
     return True
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 class _Trainer:
     def __init__(self, cfg: DistillConfig, model: OVSAM, device: torch.device, rank: int, world: int,
                  iters_per_epoch: int, total: int) -> None:
@@ -198,9 +161,7 @@ class _Trainer:
         self.step = 0
 
     def autocast(self):
-        if self.cfg.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return train_autocast(self.device, self.cfg.amp)
 
     def train_step(self, pixels: torch.Tensor, target: torch.Tensor) -> float:
         pixels = pixels.to(self.device, non_blocking=True)
@@ -227,7 +188,7 @@ class _Trainer:
             "step": self.step,
             "epoch": self.step // self.ipe,
             "total": self.total,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()},
         }
 
@@ -236,7 +197,7 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def save(self) -> tuple[Path, Path]:
         """Rank 0 writes `last.pth` and `sam2clip_distilled.pth` atomically."""
@@ -257,7 +218,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         raise DistillError("--epochs and --batch-size must be at least 1")
     if cfg.max_iters is not None and cfg.max_iters < 1:
         raise DistillError("--max-iters must be at least 1")
-    rank, world = _dist_info()
+    rank, world = dist_info()
     if cfg.batch_size % world:
         raise DistillError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     per_rank = cfg.batch_size // world
@@ -319,7 +280,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         del teacher
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _barrier(world)
+    barrier(world)
     probe = cache.load(images[0])
     if tuple(probe.shape) != (out_chans, grid, grid):
         raise DistillError(f"teacher embeddings are {list(probe.shape)} but {cfg.model}'s adapter gives "
@@ -370,6 +331,6 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         raise DistillInterrupted(trainer.step, last) from None
     bar.close()
     result.last, result.distilled = trainer.save()
-    _barrier(world)
+    barrier(world)
     result.step, result.epoch = trainer.step, trainer.step // ipe
     return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -33,7 +32,7 @@ from ..checkpoint import read_checkpoint
 from ..modeling.decoder import OVSAMHead, one_token_state_from_sam
 from ..modeling.ovsam import OVSAM
 from ..vocab import text_embeddings
-from .distill import _barrier, _dist_info, _rng_state, _set_rng_state
+from .common import TrainingInterrupted, barrier, dist_info, rng_state, set_rng_state, train_autocast
 from .finetune_data import (
     Augment,
     FinetuneDataError,
@@ -56,13 +55,8 @@ class FinetuneError(ValueError):
     """A finetuning run that cannot start or go on (bad input, mismatched checkpoint)."""
 
 
-class FinetuneInterrupted(Exception):
-    """Ctrl-C during training: `last.pth` was saved at `step` (by rank 0)."""
-
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted at iteration {step}; saved {checkpoint}")
-        self.step = step
-        self.checkpoint = checkpoint
+class FinetuneInterrupted(TrainingInterrupted):
+    """Ctrl-C during finetuning: `last.pth` was saved at `step` (by rank 0)."""
 
 
 @dataclass
@@ -188,9 +182,7 @@ class _Trainer:
         self.step = 0
 
     def autocast(self):
-        if self.cfg.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return train_autocast(self.device, self.cfg.amp)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """The weighted loss terms of one batch (float32) and their sum under "loss"."""
@@ -253,7 +245,7 @@ class _Trainer:
             "step": self.step,
             "epoch": self.step // self.ipe,
             "total": self.total,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()
                        if k != "weights"},
         }
@@ -264,7 +256,7 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def save(self) -> tuple[Path, Path]:
         """Rank 0 writes `last.pth` and `clip2sam_finetuned.pth` atomically."""
@@ -327,7 +319,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     Raises `FinetuneError` on bad input and `FinetuneInterrupted` after saving on Ctrl-C.
     """
     _check(cfg)
-    rank, world = _dist_info()
+    rank, world = dist_info()
     if cfg.batch_size % world:
         raise FinetuneError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     per_rank = cfg.batch_size // world
@@ -401,6 +393,6 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
         raise FinetuneError(str(e)) from e
     bar.close()
     result.last, result.finetuned = trainer.save()
-    _barrier(world)
+    barrier(world)
     result.step, result.epoch = trainer.step, trainer.step // ipe
     return result
