@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from ..atomic import torch_save_atomic
 from ..builder import build_model, resolve_spec
 from ..checkpoint import load_weight_file
 from ..io.loader import read_rgb
@@ -33,7 +32,7 @@ from ..modeling.ovsam import OVSAM
 from ..modeling.sam2clip import SAM2CLIPAdapter
 from ..registry import SAM2CLIP
 from ..transforms import prepare_image
-from .common import TrainingInterrupted, barrier, dist_info, rng_state, set_rng_state, train_autocast
+from .common import ResumableTrainer, TrainingInterrupted, barrier, dist_info
 from .schedule import build_optimizer, build_scheduler
 from .teacher_cache import TeacherCache, build_teacher, fill_cache, teacher_identity
 
@@ -146,22 +145,18 @@ def copy_pos_embed(adapter: SAM2CLIPAdapter, teacher_pos: Optional[torch.Tensor]
     return True
 
 
-class _Trainer:
+class _Trainer(ResumableTrainer):
+    """Trains `model.adapter`; the frozen trunk runs under no_grad."""
+
+    official_name = DISTILLED
+
     def __init__(self, cfg: DistillConfig, model: OVSAM, device: torch.device, rank: int, world: int,
                  iters_per_epoch: int, total: int) -> None:
-        self.cfg, self.model, self.device, self.rank, self.world = cfg, model, device, rank, world
-        self.ipe, self.total = iters_per_epoch, total
-        self.adapter = model.adapter
-        self.optimizer = build_optimizer(self.adapter, cfg.lr, cfg.weight_decay, cfg.betas)
-        self.scheduler = build_scheduler(self.optimizer, cfg.warmup_iters, total, cfg.min_lr_ratio)
-        self.wrapped = self.adapter
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(self.adapter, device_ids=ids)
-        self.step = 0
-
-    def autocast(self):
-        return train_autocast(self.device, self.cfg.amp)
+        self.model, self.adapter = model, model.adapter
+        self.saved_modules = {"adapter": self.adapter}
+        optimizer = build_optimizer(self.adapter, cfg.lr, cfg.weight_decay, cfg.betas)
+        self.setup(cfg, device, rank, world, iters_per_epoch, total, self.adapter, optimizer,
+                   build_scheduler(optimizer, cfg.warmup_iters, total, cfg.min_lr_ratio))
 
     def train_step(self, pixels: torch.Tensor, target: torch.Tensor) -> float:
         pixels = pixels.to(self.device, non_blocking=True)
@@ -171,42 +166,11 @@ class _Trainer:
                 feats = self.model.trunk(pixels)
             pred = self.wrapped(feats)
         loss = F.mse_loss(pred.float(), target)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
+        self.optimizer_step(loss)
         return loss.item()
 
-    def state(self) -> dict:
-        return {
-            "adapter": {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "epoch": self.step // self.ipe,
-            "total": self.total,
-            "rng": rng_state(),
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()},
-        }
-
-    def load(self, state: dict) -> None:
-        self.adapter.load_state_dict(state["adapter"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        set_rng_state(state["rng"])
-
-    def save(self) -> tuple[Path, Path]:
-        """Rank 0 writes `last.pth` and `sam2clip_distilled.pth` atomically."""
-        out = Path(self.cfg.out)
-        last, distilled = out / LAST, out / DISTILLED
-        if self.rank == 0:
-            torch_save_atomic(self.state(), last)
-            torch_save_atomic(official_state(self.adapter), distilled)
-        return last, distilled
+    def official_state(self) -> dict[str, torch.Tensor]:
+        return official_state(self.adapter)
 
 
 def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..atomic import torch_save_atomic
 from ..builder import build_model, resolve_spec
 from ..classify import add_background, class_logits, classification_loss
 from ..modeling.clip2sam import CLIP2SAMFPN, multilevel_roi_align
@@ -32,7 +31,7 @@ from ..checkpoint import read_checkpoint
 from ..modeling.decoder import OVSAMHead, one_token_state_from_sam
 from ..modeling.ovsam import OVSAM
 from ..vocab import text_embeddings
-from .common import TrainingInterrupted, barrier, dist_info, rng_state, set_rng_state, train_autocast
+from .common import ResumableTrainer, TrainingInterrupted, barrier, dist_info
 from .finetune_data import (
     Augment,
     FinetuneDataError,
@@ -164,25 +163,23 @@ class CLIP2SAMTrainable(nn.Module):
         return torch.cat(masks), region
 
 
-class _Trainer:
+class _Trainer(ResumableTrainer):
+    """Trains the FPN and head (`CLIP2SAMTrainable`); CLIP, adapter and prompt encoder run under no_grad."""
+
+    official_name = FINETUNED
+    config_exclude = ("weights",)
+
     def __init__(self, cfg: FinetuneConfig, model: OVSAM, class_embeds: torch.Tensor, device: torch.device,
                  rank: int, world: int, iters_per_epoch: int, total: int) -> None:
-        self.cfg, self.model, self.device, self.rank, self.world = cfg, model, device, rank, world
-        self.ipe, self.total = iters_per_epoch, total
+        self.model = model
         self.class_embeds = add_background(class_embeds).to(device)
-        self.trainable = CLIP2SAMTrainable(model.fpn, model.head, model.cfg.roi_size, model.cfg.finest_scale)
-        self.optimizer = build_optimizer(self.trainable, cfg.lr, cfg.weight_decay, cfg.betas)
+        self.saved_modules = {"fpn": model.fpn, "head": model.head}
+        trainable = CLIP2SAMTrainable(model.fpn, model.head, model.cfg.roi_size, model.cfg.finest_scale)
+        optimizer = build_optimizer(trainable, cfg.lr, cfg.weight_decay, cfg.betas)
         milestones = [m * iters_per_epoch for m in cfg.milestones]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_iters, milestones, cfg.gamma))
-        self.wrapped: nn.Module = self.trainable
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(self.trainable, device_ids=ids)
-        self.step = 0
-
-    def autocast(self):
-        return train_autocast(self.device, self.cfg.amp)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.warmup_iters, milestones, cfg.gamma))
+        self.setup(cfg, device, rank, world, iters_per_epoch, total, trainable, optimizer, scheduler)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """The weighted loss terms of one batch (float32) and their sum under "loss"."""
@@ -227,45 +224,11 @@ class _Trainer:
 
     def train_step(self, batch: dict) -> dict[str, float]:
         terms = self.losses(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
+        self.optimizer_step(terms["loss"])
         return {k: v.item() for k, v in terms.items()}
 
-    def state(self) -> dict:
-        return {
-            "fpn": {k: v.detach().cpu() for k, v in self.model.fpn.state_dict().items()},
-            "head": {k: v.detach().cpu() for k, v in self.model.head.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "epoch": self.step // self.ipe,
-            "total": self.total,
-            "rng": rng_state(),
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()
-                       if k != "weights"},
-        }
-
-    def load(self, state: dict) -> None:
-        self.model.fpn.load_state_dict(state["fpn"], strict=True)
-        self.model.head.load_state_dict(state["head"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        set_rng_state(state["rng"])
-
-    def save(self) -> tuple[Path, Path]:
-        """Rank 0 writes `last.pth` and `clip2sam_finetuned.pth` atomically."""
-        out = Path(self.cfg.out)
-        last, finetuned = out / LAST, out / FINETUNED
-        if self.rank == 0:
-            torch_save_atomic(self.state(), last)
-            torch_save_atomic(official_state(self.model.fpn, self.model.head), finetuned)
-        return last, finetuned
+    def official_state(self) -> dict[str, torch.Tensor]:
+        return official_state(self.model.fpn, self.model.head)
 
 
 def _check(cfg: FinetuneConfig) -> None:
