@@ -223,3 +223,21 @@ RoiBoxOpt = Annotated[
     typer.Option("--roi-box", help="Box of the CLIP RoI features: mask (the predicted mask's box; the official "
                                    "choice) or prompt (the prompt box)."),
 ]
+
+
+# --- options of the training commands (distill, finetune); defaults stay in each signature ------
+
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the images.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1,
+                                           help="Global batch of images (split over torchrun processes).")]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="AdamW peak learning rate.")]
+GradClipOpt = Annotated[float, typer.Option("--grad-clip", min=0.0, help="Gradient-norm clip (0: none).")]
+MaxItersOpt = Annotated[Optional[int], typer.Option(
+    "--max-iters", min=1, help="Stop after N iterations (also the schedule's length; smoke tests).")]
+SaveEveryOpt = Annotated[int, typer.Option(
+    "--save-every", min=0, help="Save last.pth and the trained weights every N iterations (0: only at the end).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth (same options and data).")]
+SeedOpt = Annotated[int, typer.Option(
+    "--seed", help="Seed of the initialisation and of every random draw (data order, augmentation, prompts).")]
+AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (losses stay float32).")]

@@ -15,13 +15,23 @@ from typing import Annotated, Optional
 import typer
 
 from ovsam_cli.common import (
+    AmpOpt,
+    BatchSizeOpt,
     CacheDirOpt,
     CheckpointOpt,
     CliError,
     ClipWeightsOpt,
     DeviceOpt,
+    EpochsOpt,
+    GradClipOpt,
+    LrOpt,
+    MaxItersOpt,
     OfflineOpt,
     QuietOpt,
+    ResumeOpt,
+    SaveEveryOpt,
+    SeedOpt,
+    WorkersOpt,
     info,
     resolve_device,
     user_errors,
@@ -55,22 +65,22 @@ def finetune(
                                       help="Output folder: last.pth (for --resume) and clip2sam_finetuned.pth (released clip2sam layout).")],
     dataset: Annotated[Dataset, typer.Option("--dataset", help="coco: the 48 base classes; lvis: frequent + common (rare removed).")] = Dataset.coco,
     model: Annotated[str, typer.Option("--model", help="An OVSAM registry name (its CLIP, adapter, prompt encoder are frozen); tiny for smoke tests.")] = "ovsam-rn50x16-coco",
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the images.")] = 12,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Global batch of images (split over torchrun processes).")] = 16,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-4,
+    epochs: EpochsOpt = 12,
+    batch_size: BatchSizeOpt = 16,
+    lr: LrOpt = 1e-4,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay (none on 1-D parameters: norms and biases).")] = 0.05,
     warmup_iters: Annotated[int, typer.Option("--warmup-iters", min=0, help="Linear warm-up iterations.")] = 500,
     milestones: Annotated[str, typer.Option("--milestones", help="Epochs at which the lr is multiplied by 0.1 (comma-separated).")] = "8,11",
-    grad_clip: Annotated[float, typer.Option("--grad-clip", min=0.0, help="Gradient-norm clip (0: none).")] = 0.01,
+    grad_clip: GradClipOpt = 0.01,
     prompts_per_image: Annotated[int, typer.Option("--prompts-per-image", min=2, help="Prompts per image: half GT boxes, half one positive point.")] = 40,
     resize_min: Annotated[Optional[float], typer.Option("--resize-min", min=0.01, help="Smallest random resize ratio of the 1024 scale (default 0.9 COCO, 0.1 LVIS).")] = None,
     resize_max: Annotated[float, typer.Option("--resize-max", min=0.01, help="Largest random resize ratio of the 1024 scale.")] = 2.0,
-    max_iters: Annotated[Optional[int], typer.Option("--max-iters", min=1, help="Stop after N iterations (also the schedule's length; smoke tests).")] = None,
-    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Save last.pth and the weights every N iterations (0: only at the end).")] = 1000,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")] = 4,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth (same options and data).")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation, data order, augmentation and prompts.")] = 0,
-    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (losses stay float32).")] = True,
+    max_iters: MaxItersOpt = None,
+    save_every: SaveEveryOpt = 1000,
+    workers: WorkersOpt = 4,
+    resume: ResumeOpt = False,
+    seed: SeedOpt = 0,
+    amp: AmpOpt = True,
     device: DeviceOpt = "auto",
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
@@ -85,15 +95,21 @@ def finetune(
     --checkpoint takes sam2clip=PATH (the frozen adapter, e.g. from `ovsam distill`), prompt_encoder=PATH, clip2sam=PATH (FPN and head to start from) and sam_decoder=PATH (a SAM checkpoint whose mask decoder starts the one-token decoder; by default SAM ViT-H's, extracted once into the cache; the FPN, label token and roi_conv start random). The result loads with `ovsam label --checkpoint clip2sam=OUT/clip2sam_finetuned.pth`.
     """
     from ovsam_model.builder import resolve_spec
+    from ovsam_model.registry import sam_decoder_weight
     from ovsam_model.train.finetune import (
         FinetuneConfig,
         FinetuneError,
         FinetuneInterrupted,
         run_finetune,
     )
-    from ovsam_model.registry import sam_decoder_weight
-    from ovsam_model.weights import (clip_cache_dir, clip_pretrained_arg, fetch_file, resolve_cache_dir, resolve_weights,
-                                     sha256_of)
+    from ovsam_model.weights import (
+        clip_cache_dir,
+        clip_pretrained_arg,
+        fetch_file,
+        resolve_cache_dir,
+        resolve_weights,
+        sha256_of,
+    )
 
     with user_errors(also=(FinetuneError,)):
         if not ann.is_file():
