@@ -1,0 +1,40 @@
+"""Process-level helpers every entry point shares: the torchrun environment and bf16 autocast.
+
+Kept free of model code so that the CLI, the labeling engine and the training loops read the
+same variables the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """torchrun's WORLD_SIZE / RANK / LOCAL_RANK (1 / 0 / 0 outside torchrun)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "DistEnv":
+        env = os.environ if environ is None else environ
+        return cls(world=int(env.get("WORLD_SIZE", "1")), rank=int(env.get("RANK", "0")),
+                   local_rank=int(env.get("LOCAL_RANK", "0")))
+
+
+def autocast_context(device, amp: bool):
+    """bf16 autocast on CUDA when `amp`; a no-op elsewhere (CPU runs stay float32)."""
+    import torch
+
+    if amp and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
