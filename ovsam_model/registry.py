@@ -273,3 +273,23 @@ def get_spec(name: str) -> ModelSpec:
     except KeyError:
         raise UnknownModelError(
             f"unknown model {name!r}; known models: {', '.join(MODEL_REGISTRY)}") from None
+
+
+def resolve_spec(name_or_spec: "str | ModelSpec") -> ModelSpec:
+    """A registry name (with an optional `:variant` for baselines) or a spec → a spec.
+
+    `:tiny` gives a baseline at small widths with random weights (tests, benchmarks); other
+    variants choose the baseline's SAM (`:vit_b`, `:vit_l`). Needs no torch, so the CLI can
+    check a model name before anything heavy is imported."""
+    if isinstance(name_or_spec, ModelSpec):
+        return name_or_spec
+    name, _, variant = name_or_spec.partition(":")
+    spec = get_spec(name)
+    if not variant:
+        return spec
+    if spec.kind == "ovsam":
+        raise ValueError(f"{name} takes no ':{variant}' variant (only the baselines choose a SAM)")
+    if variant == "tiny":
+        return replace(spec, name=name_or_spec, config=TINY, files=(), clip_model=TINY.clip.name,
+                       clip_pretrained=None, clip_quick_gelu=False, sam_variant="tiny")
+    return with_sam_variant(spec, variant)

@@ -23,15 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO, Union
 
-import torch
+from typing import TYPE_CHECKING
 
-from ovsam_model.types import Prompts
+if TYPE_CHECKING:  # torch is imported where prompts become tensors, so reading files stays light
+    from ovsam_model.types import Prompts
 
 Source = Union[str, Path]
 
 
 class InputError(ValueError):
     """An input the run cannot proceed with; the message is one line for the user."""
+
+
+EXAMPLES_KEPT = 3  # skipped records named per reason in messages
 
 
 class SkipReason:
@@ -41,6 +45,7 @@ class SkipReason:
     NON_POSITIVE = "box with non-positive size"
     OUTSIDE = "box outside the image"
     POINT_OUTSIDE = "point outside the image"
+    MALFORMED = "malformed record"
     UNKNOWN_CATEGORY = "unknown category id"
     IMAGE_NOT_IN_ANN = "image not in --ann"
     IMAGE_UNREADABLE = "image file missing or corrupt"
@@ -66,6 +71,7 @@ class RawRecord:
     points: Optional[tuple[tuple[float, float], ...]] = None
     point_labels: Optional[tuple[int, ...]] = None
     contiguous: bool = False
+    problem: Optional[str] = None  # why the record is unusable (lenient reading); None when it is fine
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,15 @@ class PromptSet:
     skipped: Counter = field(default_factory=Counter)
     clipped: int = 0
     total: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason → the first few skipped records, named
+    image_ids: set[int] = field(default_factory=set)  # every image id of a structurally valid record
+
+    def skip(self, reason: str, example: str) -> None:
+        """Count one dropped record under `reason`, keeping the first few `example`s to name."""
+        self.skipped[reason] += 1
+        names = self.examples.setdefault(reason, [])
+        if len(names) < EXAMPLES_KEPT and example not in names:
+            names.append(example)
 
     @property
     def num_prompts(self) -> int:
@@ -220,8 +235,30 @@ def _box_record(
     )
 
 
-def _read_detectron2_pth(path: Path, require_category: bool) -> list[RawRecord]:
+def _unusable(rec: Any, index: int, exc: InputError, name: str) -> RawRecord:
+    """A record that failed its structural check, kept (lenient reading) so that `select_prompts`
+    counts and names it like every other dropped record."""
+    image_id = rec.get("image_id") if isinstance(rec, dict) else None
+    if isinstance(image_id, float) and image_id.is_integer():
+        image_id = int(image_id)
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        image_id = -1
+    message = str(exc)
+    problem = message[len(name) + 2:] if message.startswith(f"{name}: ") else message
+    return RawRecord(index=index, image_id=image_id, score=0.0, problem=problem)
+
+
+def _checked(records: list[RawRecord], name: str) -> list[RawRecord]:
+    """Lenient reading: a file whose every record is unusable is the wrong file, not bad records."""
+    if records and all(r.problem is not None for r in records):
+        raise InputError(f"{name}: no usable record ({records[0].problem})")
+    return records
+
+
+def _read_detectron2_pth(path: Path, require_category: bool, strict: bool) -> list[RawRecord]:
     """detectron2 `instances_predictions.pth`: [{image_id, instances: [{category_id 0-based, bbox XYWH, score}]}]."""
+    import torch
+
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -241,59 +278,85 @@ def _read_detectron2_pth(path: Path, require_category: bool) -> list[RawRecord]:
         for j, inst in enumerate(instances):
             if isinstance(inst, dict) and "image_id" not in inst:
                 inst = {**inst, "image_id": entry["image_id"]}
-            out.append(_box_record(inst, len(out), f"entry {i} instance {j}", str(path), require_category, True))
-    return out
+            try:
+                out.append(_box_record(inst, len(out), f"entry {i} instance {j}", str(path), require_category, True))
+            except InputError as exc:
+                if strict:
+                    raise
+                out.append(_unusable(inst, len(out), exc, str(path)))
+    return _checked(out, str(path))
 
 
-def read_box_records(source: Source, *, require_category: bool = False, stdin: Optional[TextIO] = None) -> list[RawRecord]:
+def read_box_records(source: Source, *, require_category: bool = False, stdin: Optional[TextIO] = None,
+                     strict: bool = True) -> list[RawRecord]:
     """Read `--boxes`: COCO results JSON array, JSON Lines, or detectron2 `.pth` ('-' = stdin).
 
     Required fields: image_id, bbox (XYWH), score; category_id too when `require_category`.
+    `strict`: a record that lacks a field or has one of the wrong type refuses the whole file
+    (InputError naming it). Otherwise it is returned with `problem` set, and `select_prompts`
+    skips, counts and names it; only a file without a single usable record is refused.
     """
     if str(source) != "-" and Path(source).suffix in (".pth", ".pt"):
-        return _read_detectron2_pth(Path(source), require_category)
+        return _read_detectron2_pth(Path(source), require_category, strict)
     text, name = _read_text(source, stdin)
     docs = _parse_json_documents(text, name)
-    return [_box_record(rec, i, where, name, require_category) for i, (rec, where) in enumerate(docs)]
+    out: list[RawRecord] = []
+    for i, (rec, where) in enumerate(docs):
+        try:
+            out.append(_box_record(rec, i, where, name, require_category))
+        except InputError as exc:
+            if strict:
+                raise
+            out.append(_unusable(rec, i, exc, name))
+    return _checked(out, name)
 
 
-def read_point_records(source: Source, *, require_category: bool = False, stdin: Optional[TextIO] = None) -> list[RawRecord]:
+def _point_record(rec: Any, index: int, where: str, name: str, require_category: bool) -> RawRecord:
+    rec = _require(rec, ["image_id", "points", "labels"] + (["category_id"] if require_category else []), where, name)
+    pts, labels = rec["points"], rec["labels"]
+    ok = isinstance(pts, list) and len(pts) > 0 and all(
+        isinstance(p, (list, tuple))
+        and len(p) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+        for p in pts
+    )
+    if not ok:
+        raise InputError(f"{name}: {where}: field 'points' must be a non-empty list of [x, y], got {pts!r}")
+    if not isinstance(labels, list) or len(labels) != len(pts) or any(l not in (0, 1) or isinstance(l, bool) for l in labels):
+        raise InputError(f"{name}: {where}: field 'labels' must be one 1 (positive) or 0 (negative) per point")
+    return RawRecord(
+        index=index,
+        image_id=_image_id(rec, where, name),
+        score=_number(rec, "score", where, name) if "score" in rec else 1.0,
+        category_id=_category(rec, where, name),
+        bbox=_bbox(rec, where, name) if "bbox" in rec else None,
+        points=tuple((float(x), float(y)) for x, y in pts),
+        point_labels=tuple(int(l) for l in labels),
+    )
+
+
+def read_point_records(source: Source, *, require_category: bool = False, stdin: Optional[TextIO] = None,
+                       strict: bool = True) -> list[RawRecord]:
     """Read `--points`: records {image_id, points [[x, y], ...], labels [1|0, ...]} (JSON or JSONL).
 
     Optional: score (default 1), category_id, bbox (XYWH, used together with the points).
+    `strict` as in `read_box_records`.
     """
     text, name = _read_text(source, stdin)
-    out: list[RawRecord] = []
     docs = _parse_json_documents(text, name)
     with_box = [isinstance(rec, dict) and "bbox" in rec for rec, _ in docs]
     if any(with_box) and not all(with_box):
         first = with_box.index(not with_box[0])
         raise InputError(f"{name}: {docs[first][1]}: give 'bbox' in every points record or in none")
+    out: list[RawRecord] = []
     for i, (rec, where) in enumerate(docs):
-        rec = _require(rec, ["image_id", "points", "labels"] + (["category_id"] if require_category else []), where, name)
-        pts, labels = rec["points"], rec["labels"]
-        ok = isinstance(pts, list) and len(pts) > 0 and all(
-            isinstance(p, (list, tuple))
-            and len(p) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-            for p in pts
-        )
-        if not ok:
-            raise InputError(f"{name}: {where}: field 'points' must be a non-empty list of [x, y], got {pts!r}")
-        if not isinstance(labels, list) or len(labels) != len(pts) or any(l not in (0, 1) or isinstance(l, bool) for l in labels):
-            raise InputError(f"{name}: {where}: field 'labels' must be one 1 (positive) or 0 (negative) per point")
-        out.append(
-            RawRecord(
-                index=i,
-                image_id=_image_id(rec, where, name),
-                score=_number(rec, "score", where, name) if "score" in rec else 1.0,
-                category_id=_category(rec, where, name),
-                bbox=_bbox(rec, where, name) if "bbox" in rec else None,
-                points=tuple((float(x), float(y)) for x, y in pts),
-                point_labels=tuple(int(l) for l in labels),
-            )
-        )
-    return out
+        try:
+            out.append(_point_record(rec, i, where, name, require_category))
+        except InputError as exc:
+            if strict:
+                raise
+            out.append(_unusable(rec, i, exc, name))
+    return _checked(out, name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,37 +407,42 @@ def select_prompts(
     ordered = None if category_ids is None else sorted(category_ids)
     result = PromptSet(total=len(records))
     for rec in records:
+        where = f"record {rec.index}"
+        if rec.problem is not None:
+            result.skip(SkipReason.MALFORMED, rec.problem)
+            continue
+        result.image_ids.add(rec.image_id)
         numbers = [rec.score] + list(rec.bbox or ()) + [v for p in rec.points or () for v in p]
         if not _finite(numbers):
-            result.skipped[SkipReason.NON_FINITE] += 1
+            result.skip(SkipReason.NON_FINITE, where)
             continue
         category = rec.category_id
         if category is not None:
             if rec.contiguous:
                 category = ordered[category] if ordered is not None and 0 <= category < len(ordered) else None
                 if category is None:
-                    result.skipped[SkipReason.UNKNOWN_CATEGORY] += 1
+                    result.skip(SkipReason.UNKNOWN_CATEGORY, f"{where} (category {rec.category_id})")
                     continue
             elif known is not None and category not in known:
-                result.skipped[SkipReason.UNKNOWN_CATEGORY] += 1
+                result.skip(SkipReason.UNKNOWN_CATEGORY, f"category_id {category}")
                 continue
         if rec.bbox is not None and (rec.bbox[2] <= 0 or rec.bbox[3] <= 0):
-            result.skipped[SkipReason.NON_POSITIVE] += 1
+            result.skip(SkipReason.NON_POSITIVE, where)
             continue
         size = image_size(rec.image_id)
         if size is None:
-            result.skipped[missing_reason(rec.image_id)] += 1
+            result.skip(missing_reason(rec.image_id), f"image_id {rec.image_id}")
             continue
         height, width = size
         box = None
         if rec.bbox is not None:
             box, clipped, reason = _clip_box(rec.bbox, height, width)
             if reason is not None:
-                result.skipped[reason] += 1
+                result.skip(reason, where)
                 continue
             result.clipped += int(clipped)
         if rec.points is not None and not all(0 <= x <= width and 0 <= y <= height for x, y in rec.points):
-            result.skipped[SkipReason.POINT_OUTSIDE] += 1
+            result.skip(SkipReason.POINT_OUTSIDE, where)
             continue
         if rec.score < score_thr:
             result.skipped[SkipReason.BELOW_SCORE_THR] += 1
@@ -403,6 +471,10 @@ def prompts_for(records: Sequence[PromptRecord]) -> Prompts:
 
     Point sets of different lengths are padded with label -1, SAM's "not a point".
     """
+    import torch
+
+    from ovsam_model.types import Prompts
+
     boxes = [r.box for r in records] if records and records[0].box is not None else None
     if not records or records[0].points is None:
         return Prompts(boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) if boxes else torch.zeros(0, 4))

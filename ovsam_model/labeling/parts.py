@@ -1,0 +1,237 @@
+"""Resumable part files: finished images appended as JSON lines while a run goes on.
+
+Layout of `<out>.partial.jsonl` (one file per rank under several ranks:
+`<out>.partial.rank{r}.jsonl`):
+  line 1:  {"ovsam_partial": 2, "fingerprint": ..., "options": {...}}   what the contents depend on
+  owner:   {"owner": {"pid", "host", "started"}}                          who writes it (one per run)
+  entries: {"image": {...}, "records": [...]}  (+ "skipped")             one finished image each
+  end:     {"done": true, "world": W}                                     this rank finished
+
+Each batch is flushed and fsynced. A torn last line (a process killed mid-write) is cut off on
+resume. While a run writes a part file it holds an exclusive OS lock (`flock`) on it: a second
+run on the same output fails at once, naming the first one's pid, and never truncates its file;
+a lock left by a killed process is released by the OS, so the next run simply takes it.
+
+Entries are never held in memory: `PartIndex` keeps (file, byte offset) per image id, and the
+merge reads them back one at a time in image-id order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+from ovsam_model.io.detections import InputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not guarded
+    fcntl = None  # type: ignore[assignment]
+
+PART_VERSION = 2
+
+
+def part_path(out: Path, rank: int = 0, world: int = 1) -> Path:
+    suffix = ".partial.jsonl" if world == 1 else f".partial.rank{rank}.jsonl"
+    return out.with_name(out.name + suffix)
+
+
+def all_part_paths(out: Path) -> list[Path]:
+    """Every part file of `out`, whatever world size wrote it."""
+    return sorted(p for p in out.parent.glob(out.name + ".partial*.jsonl") if p.is_file())
+
+
+@dataclass
+class Located:
+    """Where one finished image's entry is, and what the summary needs of it."""
+
+    path: Path
+    offset: int
+    skipped: Optional[str]
+
+
+@dataclass
+class PartScan:
+    header: Optional[dict] = None
+    entries: dict[int, Located] = field(default_factory=dict)
+    done_worlds: set[int] = field(default_factory=set)
+    owner: Optional[dict] = None
+    valid_bytes: int = 0  # length of the intact prefix (a torn last line is cut off)
+
+
+def scan_part(path: Path) -> PartScan:
+    """Index a part file line by line (no entry is kept); a torn or garbled *last* line is ignored."""
+    scan = PartScan()
+    offset = 0
+    with open(path, "rb") as f:
+        line = f.readline()
+        while line:
+            nxt = f.readline()
+            if not line.endswith(b"\n"):
+                break  # torn: the writer died mid-line
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                if not nxt:
+                    break  # the garbled last line
+                raise InputError(f"{path}: corrupt part file at byte {offset}; delete it to start over") from None
+            if "ovsam_partial" in obj:
+                scan.header = obj
+            elif "owner" in obj:
+                scan.owner = obj["owner"]
+            elif "done" in obj:
+                scan.done_worlds.add(int(obj.get("world", 1)))
+            else:
+                image_id = int(obj["image"]["id"])
+                scan.entries.setdefault(image_id, Located(path, offset, obj.get("skipped")))
+            offset += len(line)
+            scan.valid_bytes = offset
+            line = nxt
+    return scan
+
+
+def changed_options(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The option names whose values differ, e.g. ["--batch-size (2 → 4)", "--vocab"]."""
+    def short(value: Any) -> bool:
+        return value is None or isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 40)
+
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            out.append(f"{key} ({a} → {b})" if short(a) and short(b) else key)
+    return out
+
+
+def _owner_text(owner: Optional[dict]) -> str:
+    if not owner:
+        return "another ovsam label run"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+    return f"another ovsam label run (pid {owner.get('pid')} on {owner.get('host')}, started {started})"
+
+
+class PartWriter:
+    """This rank's part file, locked for the writer's life; appends finished images."""
+
+    def __init__(self, path: Path, fingerprint: str, options: Mapping[str, Any], *, resume: bool) -> None:
+        self.path = path
+        self.done: dict[int, Located] = {}
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # never O_TRUNC before the lock is ours
+        self._file: IO[bytes] = os.fdopen(fd, "r+b")
+        try:
+            self._lock()
+            self._start(fingerprint, dict(options), resume)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _lock(self) -> None:
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = scan_part(self.path).owner
+            raise InputError(f"{self.path} is being written by {_owner_text(owner)}; wait for it to finish or "
+                             f"choose another --out") from None
+
+    def _start(self, fingerprint: str, options: dict, resume: bool) -> None:
+        scan = scan_part(self.path) if resume and self.path.stat().st_size else None
+        if scan is not None and scan.header is not None:
+            if scan.header.get("fingerprint") != fingerprint:
+                changed = changed_options(scan.header.get("options", {}), options)
+                what = ", ".join(changed) if changed else "the inputs"
+                raise InputError(f"{self.path} was written with other options: {what}; rerun with the same ones, "
+                                 f"or without --resume to start over")
+            self.done = scan.entries
+            self._file.truncate(scan.valid_bytes)
+            self._file.seek(scan.valid_bytes)
+        else:
+            self._file.truncate(0)
+            self._write([{"ovsam_partial": PART_VERSION, "fingerprint": fingerprint, "options": options}])
+        self._write([{"owner": {"pid": os.getpid(), "host": socket.gethostname(), "started": round(time.time(), 3)}}])
+
+    def _write(self, objs: Iterable[dict]) -> None:
+        for obj in objs:
+            self._file.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def append(self, entries: Sequence[dict]) -> None:
+        if entries:
+            self._write(entries)
+
+    def finish(self, world: int) -> None:
+        self._write([{"done": True, "world": world}])
+
+    def close(self) -> None:
+        """Close (and so unlock) the file; it stays on disk for --resume or the merge."""
+        if not self._file.closed:
+            self._file.close()
+
+
+def try_lock(path: Path) -> Optional[IO[bytes]]:
+    """An exclusively locked handle on `path`, or None when a live run holds it."""
+    try:
+        handle = open(path, "r+b")
+    except FileNotFoundError:
+        return None
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+    return handle
+
+
+class PartIndex:
+    """Finished images of every part file of `out` made with `fingerprint`: image id → location."""
+
+    def __init__(self, out: Path, fingerprint: str) -> None:
+        self.entries: dict[int, Located] = {}
+        self.paths: list[Path] = []
+        for path in all_part_paths(out):
+            scan = scan_part(path)
+            if scan.header is not None and scan.header.get("fingerprint") == fingerprint:
+                self.paths.append(path)
+                for image_id, where in scan.entries.items():
+                    self.entries.setdefault(image_id, where)
+
+    def missing(self, image_ids: Iterable[int]) -> list[int]:
+        return [i for i in image_ids if i not in self.entries]
+
+    def read(self, image_ids: Iterable[int]) -> Iterator[dict]:
+        """The entries of `image_ids`, in that order, read one at a time."""
+        handles: dict[Path, IO[bytes]] = {}
+        try:
+            for image_id in image_ids:
+                where = self.entries[image_id]
+                handle = handles.get(where.path)
+                if handle is None:
+                    handle = handles[where.path] = open(where.path, "rb")
+                handle.seek(where.offset)
+                yield json.loads(handle.readline())
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+
+def is_finished(path: Path, world: int) -> bool:
+    """Whether the part file ends with this world size's done mark (reads only its tail)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return False
+    try:
+        last = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return False
+    return bool(last.get("done")) and int(last.get("world", 1)) == world
