@@ -197,11 +197,16 @@ def mismatched_categories(vocab: Vocabulary, categories: Sequence[Mapping]) -> l
 def read_names_file(path: Path) -> tuple[list[str], list[list[str]]]:
     """(display names, synonym lists) from a text file: one class per line, synonyms separated by
     commas; blank lines and lines starting with `#` are ignored. The display name is the line's
-    first comma-separated field as written."""
+    first comma-separated field as written. UTF-8, with or without a byte-order mark; LF, CRLF or
+    CR line ends (a file saved by Notepad reads exactly as one written on Linux)."""
     names: list[str] = []
     synonyms: list[list[str]] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")  # "-sig": a leading BOM is not text
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc}); save the names file as UTF-8") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -114,6 +114,33 @@ def test_text_file_parsing(tmp_path: Path) -> None:
     assert v.category_ids == [1, 2, 3] and v.embeddings is None
 
 
+@pytest.mark.parametrize("first_line", ["", "# COCO classes\n"])
+def test_names_file_with_bom_and_crlf_reads_as_plain(tmp_path: Path, first_line: str) -> None:
+    """A names file saved by Windows Notepad (UTF-8 BOM, CRLF) gives exactly the same classes."""
+    lines = [c["name"] for c in V.coco_categories()] + ["salad_plate/side_plate", "cd_player_or_dvd_player"]
+    text = first_line + "\n".join(lines) + "\n"
+    plain, windows = tmp_path / "plain.txt", tmp_path / "windows.txt"
+    plain.write_bytes(text.encode("utf-8"))
+    windows.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    assert windows.read_bytes().startswith(b"\xef\xbb\xbf") and b"\r\n" in windows.read_bytes()
+    names, synonyms = V.read_names_file(plain)
+    assert names[0] == "person" and len(names) == 82
+    assert V.read_names_file(windows) == (names, synonyms)
+    a, b = V.load_vocabulary(plain), V.load_vocabulary(windows)
+    assert (a.class_names, a.synonyms, a.category_ids) == (b.class_names, b.synonyms, b.category_ids)
+    # and a names file for imported embeddings
+    npy = tmp_path / "emb.npy"
+    np.save(npy, np.ones((82, 4), np.float32))
+    assert V.load_vocabulary(npy, names_file=windows).class_names == names
+
+
+def test_names_file_not_utf8_says_so(tmp_path: Path) -> None:
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        V.read_names_file(f)
+
+
 def test_text_file_errors(tmp_path: Path) -> None:
     dup = tmp_path / "dup.txt"
     dup.write_text("cat\ndog\ncat\n")

@@ -3,7 +3,9 @@
 With `--ann`: COCO images name their file in `file_name`; LVIS v1 images have no `file_name`
 and are located through `coco_url` (`http://.../val2017/000000000139.jpg`): the file is
 looked up as `DIR/000000000139.jpg` and then `DIR/val2017/000000000139.jpg`.
-Without `--ann`: `DIR/{image_id:012d}.jpg` (COCO naming), size read from the file header.
+Without `--ann`: `DIR/{image_id:012d}.jpg` (COCO naming), size read from the file header, in
+the frame the images will be decoded in: with the EXIF orientation applied (policy "auto" or
+"apply", the detectors' frame), or as stored ("ignore"); see `ovsam_model.io.images`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from urllib.parse import urlparse
 from PIL import Image
 
 from ovsam_model.io.detections import InputError, SkipReason
+from ovsam_model.io.images import check_exif_policy, read_header
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,13 @@ class ImageRecord:
 
 @dataclass
 class ImageSource:
-    """Images of one run, looked up by id. `categories` is None without `--ann`."""
+    """Images of one run, looked up by id. `categories` is None without `--ann`. `exif`: the frame
+    policy of the run (folder mode reports sizes in that frame; give the loader the same)."""
 
     root: Path
     categories: Optional[list[dict]] = None
     kind: str = "folder"  # "coco", "lvis" or "folder"
+    exif: str = "auto"
     _images: dict[int, ImageRecord] = field(default_factory=dict)
     _unreadable: set[int] = field(default_factory=set)
 
@@ -51,7 +56,7 @@ class ImageSource:
         if self.kind != "folder" or image_id in self._unreadable:
             return None
         name = f"{image_id:012d}.jpg"
-        size = read_size(self.root / name)
+        size = read_size(self.root / name, self.exif)
         if size is None:
             self._unreadable.add(image_id)
             return None
@@ -67,14 +72,16 @@ class ImageSource:
         return SkipReason.IMAGE_UNREADABLE if self.kind == "folder" else SkipReason.IMAGE_NOT_IN_ANN
 
 
-def read_size(path: Path) -> Optional[tuple[int, int]]:
-    """(height, width) from the image header, None if the file is missing or not an image."""
+def read_size(path: Path, exif: str = "auto") -> Optional[tuple[int, int]]:
+    """(height, width) from the image header, None if the file is missing or not an image: with
+    the EXIF orientation applied ("auto" — there is no dataset size to choose by — or "apply"),
+    or as stored ("ignore")."""
+    check_exif_policy(exif)
     try:
-        with Image.open(path) as im:
-            width, height = im.size
+        header = read_header(path)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    return height, width
+    return header.hw(apply_exif=exif != "ignore")
 
 
 def lvis_file_name(root: Path, url: str) -> str:
@@ -89,13 +96,19 @@ def lvis_file_name(root: Path, url: str) -> str:
     return base
 
 
-def load_image_source(images_dir: Path, ann: Optional[Path] = None) -> ImageSource:
-    """Index the images of `--images DIR` (and `--ann FILE`). Raises InputError for a bad folder or JSON."""
+def load_image_source(images_dir: Path, ann: Optional[Path] = None, exif: str = "auto") -> ImageSource:
+    """Index the images of `--images DIR` (and `--ann FILE`). Raises InputError for a bad folder or JSON.
+    `exif` ("auto", "apply", "ignore"): the frame policy; without --ann it decides the frame of
+    the sizes read from the files (auto = apply), with --ann the sizes are the JSON's."""
     images_dir = Path(images_dir)
+    try:
+        check_exif_policy(exif)
+    except ValueError as exc:
+        raise InputError(f"--exif: {exc}") from None
     if not images_dir.is_dir():
         raise InputError(f"--images {images_dir}: no such directory")
     if ann is None:
-        return ImageSource(root=images_dir)
+        return ImageSource(root=images_dir, exif=exif)
     try:
         data = json.loads(Path(ann).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -106,7 +119,7 @@ def load_image_source(images_dir: Path, ann: Optional[Path] = None) -> ImageSour
         raise InputError(f"--ann {ann}: cannot read ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
         raise InputError(f"--ann {ann}: not a COCO/LVIS dataset JSON (needs 'images' and 'categories' lists)")
-    source = ImageSource(root=images_dir, categories=[], kind="coco")
+    source = ImageSource(root=images_dir, categories=[], kind="coco", exif=exif)
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             raise InputError(f"--ann {ann}: categories[{i}]: missing field 'id'")

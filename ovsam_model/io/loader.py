@@ -2,7 +2,11 @@
 
 A missing or corrupt file does not stop the run: its item carries `error` and no `prepared`
 image, and the main loop counts the image's prompts as skipped and records the image as done
-without records (`ovsam_model.io.writers.skipped_entry`), so that merging and --resume go on.
+without records (`ovsam_model.labeling.records.skipped_entry`), so that merging and --resume go on.
+
+Decoding (bit depth, float images) and the frame (`exif` policy: "auto", "apply", "ignore")
+follow `ovsam_model.io.images`: the image is prepared in the frame whose size is the record's
+(height, width), and an image that fits no allowed frame is skipped as a size mismatch.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ovsam_model.io.datasets import ImageRecord
 from ovsam_model.io.detections import SkipReason
+from ovsam_model.io.images import FloatImageError, ImageSizeMismatch, check_exif_policy, read_image
 from ovsam_model.types import PreparedImage
 
 
@@ -25,20 +30,29 @@ class LoadedImage:
     prepared: Optional[PreparedImage]
     error: Optional[str] = None  # what went wrong, for the warning
     reason: Optional[str] = None  # the SkipReason its prompts are counted under
+    orientation: int = 1  # the file's EXIF orientation tag (1 = none or unknown)
+    exif_applied: bool = False  # whether `prepared` is in the EXIF-rotated frame
 
 
-def read_rgb(path) -> np.ndarray:
-    """H×W×3 uint8 RGB (pixel layout as stored: no EXIF rotation, matching COCO sizes)."""
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))  # writable copy (torch.from_numpy warns on read-only)
+def read_rgb(path, exif: str = "ignore") -> np.ndarray:
+    """H×W×3 uint8 RGB. Default: pixel layout as stored (no EXIF rotation, matching COCO sizes);
+    `exif="apply"` gives the `ImageOps.exif_transpose` frame. High-bit-depth images are scaled,
+    float images raise `FloatImageError` (a ValueError): see `ovsam_model.io.images`."""
+    return read_image(path, exif=exif).array
 
 
 class ImageDataset(Dataset):
     """Item i: image i decoded and prepared for the model, or an error marker."""
 
-    def __init__(self, images: Sequence[ImageRecord], prepare: Callable[[np.ndarray], PreparedImage]) -> None:
+    def __init__(
+        self,
+        images: Sequence[ImageRecord],
+        prepare: Callable[[np.ndarray], PreparedImage],
+        exif: str = "auto",
+    ) -> None:
         self.images = list(images)
         self.prepare = prepare
+        self.exif = check_exif_policy(exif)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -46,15 +60,18 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> LoadedImage:
         record = self.images[i]
         try:
-            array = read_rgb(record.path)
+            decoded = read_image(record.path, exif=self.exif, expected_hw=(record.height, record.width))
         except FileNotFoundError:
             return LoadedImage(record, None, "file not found", SkipReason.IMAGE_UNREADABLE)
+        except ImageSizeMismatch as exc:
+            return LoadedImage(record, None, str(exc), SkipReason.IMAGE_SIZE_MISMATCH)
+        except FloatImageError as exc:
+            return LoadedImage(record, None, str(exc), SkipReason.IMAGE_UNREADABLE)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             return LoadedImage(record, None, f"cannot decode ({exc})", SkipReason.IMAGE_UNREADABLE)
-        if array.shape[:2] != (record.height, record.width):
-            error = f"decoded size {array.shape[0]}x{array.shape[1]} != {record.height}x{record.width} in --ann"
-            return LoadedImage(record, None, error, SkipReason.IMAGE_SIZE_MISMATCH)
-        return LoadedImage(record, self.prepare(array))
+        return LoadedImage(
+            record, self.prepare(decoded.array), orientation=decoded.orientation, exif_applied=decoded.exif_applied
+        )
 
 
 def make_loader(
@@ -63,7 +80,10 @@ def make_loader(
     *,
     batch_size: int = 1,
     workers: int = 0,
+    exif: str = "auto",
 ) -> DataLoader:
     """Batches are lists of `LoadedImage` in the order of `images` (no shuffling; `collate_fn=list`
-    keeps the items as they are instead of stacking tensors)."""
-    return DataLoader(ImageDataset(images, prepare), batch_size=batch_size, num_workers=workers, collate_fn=list)
+    keeps the items as they are instead of stacking tensors). `exif`: the frame policy of
+    `ovsam_model.io.images` (pass the same value as to `load_image_source`)."""
+    dataset = ImageDataset(images, prepare, exif=exif)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
