@@ -11,14 +11,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import ovsam_cli.label as label_mod
+import ovsam_model.labeling.api as api_mod
+from ovsam_model.labeling.formats import JsonFileFormat
 from ovsam_cli.label import label
 
 app = typer.Typer(no_args_is_help=True)
 app.command("label")(label)
 app.command("noop")(lambda: None)  # two commands, so `label` stays a subcommand as in main.py
 
-_real_load = label_mod.load_predictor
+_real_load = api_mod.load_predictor
 _cache: dict = {}
 
 
@@ -28,9 +29,9 @@ def _vocab_key(vocabulary):
     return (vocabulary.name, tuple(vocabulary.category_ids), tuple(vocabulary.class_names))
 
 
-def _key(job, device="cpu", vocabulary=None) -> tuple:
-    key = (job.model, _vocab_key(vocabulary), job.vocab_names, job.topk, job.roi_box)
-    return key if device == "cpu" else key + (device, job.amp)
+def _key(settings, vocabulary=None) -> tuple:
+    key = (settings.model, _vocab_key(vocabulary), settings.vocab_names, settings.topk, settings.roi_box, settings.box_batch)
+    return key if settings.device == "cpu" else key + (settings.device, settings.amp)
 
 
 def _coco_predictor():
@@ -42,13 +43,13 @@ def _coco_predictor():
 def cached_model(monkeypatch):
     """Build each (model, vocabulary, topk, roi_box) once through the real builder: the suite stays fast."""
 
-    def load(job, device, vocabulary=None):
-        key = _key(job, device, vocabulary)
+    def load(settings, vocabulary=None):
+        key = _key(settings, vocabulary)
         if key not in _cache:
-            _cache[key] = _real_load(job, device, vocabulary)
+            _cache[key] = _real_load(settings, vocabulary)
         return _cache[key]
 
-    monkeypatch.setattr(label_mod, "load_predictor", load)
+    monkeypatch.setattr(api_mod, "load_predictor", load)
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
 
@@ -178,11 +179,11 @@ def _interrupt_after(monkeypatch, n_images: int):
     original = predictor.predict_prepared
     seen = {"n": 0}
 
-    def flaky(images, prompts):
+    def flaky(images, prompts, **kwargs):
         if seen["n"] >= n_images:
             raise KeyboardInterrupt
         seen["n"] += len(images)
-        return original(images, prompts)
+        return original(images, prompts, **kwargs)
 
     monkeypatch.setattr(predictor, "predict_prepared", flaky)
 
@@ -199,11 +200,11 @@ def test_resume_after_interrupt_is_identical(mini, tmp_path, monkeypatch):
     assert r.exit_code == 130 and "--resume" in r.stderr
     assert not out.exists()
     part = tmp_path / "out.json.partial.jsonl"
-    assert len(part.read_text().splitlines()) == 3  # header + 2 images
+    assert [json.loads(line).keys() for line in part.read_text().splitlines()][1:] == [{"owner"}] + [{"image", "records"}] * 2
     with open(part, "a") as f:
         f.write('{"image":{"id":1')  # a torn line, as after SIGKILL
     monkeypatch.undo()
-    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device, vocabulary=None: _cache[_key(job, device, vocabulary)])
+    monkeypatch.setattr(api_mod, "load_predictor", lambda settings, vocabulary=None: _cache[_key(settings, vocabulary)])
     r = run(*args, "--out", out, "--resume")
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == ref.read_bytes()
@@ -296,7 +297,7 @@ def test_bad_inputs(case, message, mini, tmp_path):
     good.write_text(json.dumps(boxes[:2]))
     args = {
         "malformed": ["--boxes", "-"],
-        "missing_field": ["--boxes", "-"],
+        "missing_field": ["--boxes", "-", "--strict"],
         "no_images_dir": ["--boxes", good],
         "ann_without_images": ["--boxes", "-"],
         "both_inputs": ["--boxes", good, "--points", good],
@@ -382,11 +383,12 @@ def test_unreadable_images_with_out_file_merge_and_resume(mini, tmp_path, monkey
     _interrupt_after(monkeypatch, 0)
     r = run(*args, "--out", out, "-q")
     assert r.exit_code == 130, r.output
-    part = [json.loads(line) for line in (tmp_path / "out.json.partial.jsonl").read_text().splitlines()[1:]]
+    part = [json.loads(line) for line in (tmp_path / "out.json.partial.jsonl").read_text().splitlines()]
+    part = [e for e in part if "image" in e]
     assert [(e["image"]["id"], e["records"], e["skipped"]) for e in part] == [
         (ids[0], [], "image file missing or corrupt"), (ids[1], [], "image size differs from --ann")]
     monkeypatch.undo()
-    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device, vocabulary=None: _cache[_key(job, device, vocabulary)])
+    monkeypatch.setattr(api_mod, "load_predictor", lambda settings, vocabulary=None: _cache[_key(settings, vocabulary)])
     r = run(*args, "--out", out, "--resume")
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == ref.read_bytes()
@@ -468,39 +470,40 @@ def test_resume_refuses_other_weights_roi_box_or_vocab_file(change, mini, tmp_pa
         args += ["--vocab", names]
     # a run interrupted after one image, by a predictor that fails on its second batch
     calls = {"n": 0}
-    real = label_mod.load_predictor
+    real = api_mod.load_predictor
 
-    def interrupting(job, device, vocabulary=None):
-        predictor = real(job, device, vocabulary)
+    def interrupting(settings, vocabulary=None):
+        predictor = real(settings, vocabulary)
         original = predictor.predict_prepared
 
-        def flaky(images, prompts):
+        def flaky(images, prompts, **kwargs):
             calls["n"] += 1
             if calls["n"] > 1:
                 raise KeyboardInterrupt
-            return original(images, prompts)
+            return original(images, prompts, **kwargs)
 
         monkeypatch.setattr(predictor, "predict_prepared", flaky)
         return predictor
 
-    monkeypatch.setattr(label_mod, "load_predictor", interrupting)
+    monkeypatch.setattr(api_mod, "load_predictor", interrupting)
     assert run(*args).exit_code == 130
     monkeypatch.undo()
-    monkeypatch.setattr(label_mod, "load_predictor", lambda job, device, vocabulary=None: _real_load(job, device, vocabulary))
+    monkeypatch.setattr(api_mod, "load_predictor", lambda settings, vocabulary=None: _real_load(settings, vocabulary))
     extra = []
     if change == "weights":
-        monkeypatch.setattr(label_mod, "load_predictor", _with_other_weights)
+        monkeypatch.setattr(api_mod, "load_predictor", _with_other_weights)
     elif change == "roi_box":
         extra = ["--roi-box", "prompt"]
     else:
         names.write_text("person\nbicycle\n")
     r = run(*args, *extra, "--resume")
     assert r.exit_code == 2, r.output
-    assert "written with other inputs or options" in r.stderr and "Traceback" not in r.output
+    named = {"weights": "weights (sha256)", "roi_box": "--roi-box (mask → prompt)", "vocab_file": "--vocab (file sha256)"}
+    assert "written with other options" in r.stderr and named[change] in r.stderr and "Traceback" not in r.output
 
 
-def _with_other_weights(job, device, vocabulary=None):
-    predictor = _real_load(job, device, vocabulary)
+def _with_other_weights(settings, vocabulary=None):
+    predictor = _real_load(settings, vocabulary)
     predictor.weights_sha256 = {"clip2sam": "1" * 64}
     return predictor
 
@@ -521,10 +524,10 @@ def test_broken_stdout_pipe_exits_quietly(mini, tmp_path, monkeypatch):
     root, gt, ids, boxes = mini
     (tmp_path / "b.json").write_text(json.dumps(boxes[:2]))
 
-    def closed_pipe(stream, obj):
+    def closed_pipe(self, text):
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(label_mod, "write_json_stream", closed_pipe)
+    monkeypatch.setattr(JsonFileFormat, "write", closed_pipe)
     r = run("--boxes", tmp_path / "b.json", "--images", root / "images")
     assert r.exit_code == 141, r.output
     assert "error" not in r.stderr and "Broken pipe" not in r.output

@@ -20,6 +20,7 @@ from ovsam_model.io.detections import InputError
 
 from .engine import LabelEvents, Labeler, LabelSummary
 from .formats import OutputFormat
+from .parts import check_not_running
 from .sources import PromptSource, make_source
 
 PathLike = Union[str, Path]
@@ -182,5 +183,7 @@ def label_images(
     ("results": a COCO results array; "dataset": a COCO dataset JSON; or an `OutputFormat`,
     e.g. `get_format("results", segmentation="polygons")`). Returns the run's summary.
     `labeler_options` are those of `open_labeler`."""
+    if out is not None:
+        check_not_running(Path(out), rank, world)
     labeler = open_labeler(images, **labeler_options)
     return labeler.run(None if out is None else Path(out), fmt, resume=resume, rank=rank, world=world)

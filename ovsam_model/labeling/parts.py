@@ -175,6 +175,19 @@ class PartWriter:
             self._file.close()
 
 
+def check_not_running(out: Path, rank: int = 0, world: int = 1) -> None:
+    """Fail at once (before any model is built) when a live run writes this rank's part file of
+    `out`. The lock taken by `PartWriter` is what really guards the file; this is the early word."""
+    path = part_path(out, rank, world)
+    if not path.exists():
+        return
+    handle = try_lock(path)
+    if handle is None:
+        raise InputError(f"{path} is being written by {_owner_text(scan_part(path).owner)}; wait for it to finish "
+                         f"or choose another --out")
+    handle.close()
+
+
 def try_lock(path: Path) -> Optional[IO[bytes]]:
     """An exclusively locked handle on `path`, or None when a live run holds it."""
     try:
