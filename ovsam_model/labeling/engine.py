@@ -252,26 +252,33 @@ class Labeler:
                 time.sleep(1.0)
 
     def merge(self, parts_at: Path, out: Optional[Path], sink: OutputFormat) -> int:
-        """Stream every finished image from the part files of `parts_at` into `sink`, writing
-        `out` (None: stdout); then remove the part files. Returns the number of records."""
-        index = PartIndex(parts_at, self.fingerprint)
-        missing = index.missing(self.image_ids)
-        if missing:
-            raise InputError(f"part files lack {len(missing)} images (e.g. image_id {missing[0]}); rerun with --resume")
-        sink.begin(out, self.categories)
-        try:
-            for entry in index.read(self.image_ids):
-                sink.add(entry)
-            count = sink.end()
-        except BaseException:
-            sink.abort()
-            raise
-        for path in all_part_paths(parts_at):  # this run's, and stale ones no live run holds
-            handle = try_lock(path)
-            if handle is not None:
-                path.unlink()
-                handle.close()
-        return count
+        """Stream every finished image of this run into `sink` (see `merge_parts`)."""
+        return merge_parts(parts_at, self.fingerprint, self.image_ids, out, sink, self.categories)
+
+
+def merge_parts(parts_at: Path, fingerprint: str, image_ids: Sequence[int], out: Optional[Path], sink: OutputFormat,
+                categories: Sequence[dict]) -> int:
+    """Stream the entries of `image_ids` from the part files of `parts_at` (those made with
+    `fingerprint`) into `sink`, in that order, writing `out` (None: stdout); then remove the part
+    files. One entry is in memory at a time. Returns the number of records written."""
+    index = PartIndex(parts_at, fingerprint)
+    missing = index.missing(image_ids)
+    if missing:
+        raise InputError(f"part files lack {len(missing)} images (e.g. image_id {missing[0]}); rerun with --resume")
+    sink.begin(out, categories)
+    try:
+        for entry in index.read(image_ids):
+            sink.add(entry)
+        count = sink.end()
+    except BaseException:
+        sink.abort()
+        raise
+    for path in all_part_paths(parts_at):  # this run's, and stale ones no live run holds
+        handle = try_lock(path)
+        if handle is not None:
+            path.unlink()
+            handle.close()
+    return count
 
 
 def _jsonable(value: Any) -> Any:
