@@ -7,6 +7,8 @@ Prompt coordinates are scaled by the same factors as `ResizeLongestSide.apply_co
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -73,45 +75,83 @@ def masks_to_original_exact(
     return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
 
 
+def _fast_grid(
+    input_size: tuple[int, int], original_size: tuple[int, int], size: int, s: int, device: torch.device,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """grid_sample coordinates of every original pixel centre on the s×s low-res grid.
+
+    [1, H, W, 2] (x, y) in grid_sample's normalised frame, or [1, W, H, 2] when `transposed`
+    (the same coordinates, indexed [x, y]): sampling with it gives each map transposed, every
+    value computed exactly as in the untransposed layout.
+    """
+    (oh, ow), (h, w) = original_size, input_size
+    # original pixel centre j → resized frame (j + .5) * w / ow → low-res frame / (size / s)
+    down = size / s
+    xs = (torch.arange(ow, device=device, dtype=torch.float32) + 0.5) * (w / ow) / down
+    ys = (torch.arange(oh, device=device, dtype=torch.float32) + 0.5) * (h / oh) / down
+    # grid_sample, align_corners=False: normalised = 2 * pos / s - 1 where pos counts from the edge
+    gx, gy = 2 * xs / s - 1, 2 * ys / s - 1
+    if transposed:
+        grid = torch.stack([gx.view(ow, 1).expand(ow, oh), gy.view(1, oh).expand(ow, oh)], dim=-1)
+    else:
+        grid = torch.stack([gx.view(1, ow).expand(oh, ow), gy.view(oh, 1).expand(oh, ow)], dim=-1)
+    return grid.unsqueeze(0)
+
+
+def _sample(low_res: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of [N, C, s, s] logits at a [1, A, B, 2] grid → [N, C, A, B]."""
+    grid = grid.to(low_res.dtype).expand(low_res.shape[0], -1, -1, -1)
+    return F.grid_sample(low_res, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def masks_to_original_fast(
     low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], size: int = 1024
 ) -> torch.Tensor:
     """One bilinear interpolation from the low-res logits straight to the original size.
 
-    Samples the low-res grid at the exact position of each original pixel centre (the valid,
-    un-padded region only), so it never materialises size² maps. Differs from
-    `masks_to_original_exact` only by the smoothing of the double interpolation.
+    low_res: [N, C, s, s] logits → [N, C, H, W] logits. Samples the low-res grid at the exact
+    position of each original pixel centre (the valid, un-padded region only), so it never
+    materialises size² maps. Differs from `masks_to_original_exact` only by the smoothing of
+    the double interpolation.
     """
-    n, c, s, _ = low_res.shape
-    (oh, ow), (h, w) = original_size, input_size
-    # original pixel centre j → resized frame (j + .5) * w / ow → low-res frame / (size / s)
-    down = size / s
-    xs = (torch.arange(ow, device=low_res.device, dtype=torch.float32) + 0.5) * (w / ow) / down
-    ys = (torch.arange(oh, device=low_res.device, dtype=torch.float32) + 0.5) * (h / oh) / down
-    # grid_sample, align_corners=False: normalised = 2 * pos / s - 1 where pos counts from the edge
-    gx = (2 * xs / s - 1).view(1, ow).expand(oh, ow)
-    gy = (2 * ys / s - 1).view(oh, 1).expand(oh, ow)
-    grid = torch.stack([gx, gy], dim=-1).unsqueeze(0).to(low_res.dtype).expand(n, oh, ow, 2)
-    return F.grid_sample(low_res, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _sample(low_res, _fast_grid(input_size, original_size, size, low_res.shape[-1], low_res.device))
 
 
 # Float32 elements of full-size mask logits alive at once (2**25: 128 MiB).
 MASK_PIXEL_BUDGET = 2**25
 
+POSTPROCESS_MODES = ("fast", "exact")
 
-def binary_masks_to_original(
+
+def mask_step(original_size: tuple[int, int], size: int = 1024, mode: str = "fast") -> int:
+    """Masks per post-processing step, so that their float maps (the original size, plus the
+    size² intermediate of "exact") stay within `MASK_PIXEL_BUDGET` elements; at least 1."""
+    per_mask = original_size[0] * original_size[1] + (size * size if mode == "exact" else 0)
+    return max(1, MASK_PIXEL_BUDGET // per_mask)
+
+
+def iter_binary_masks_wh(
     low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], size: int = 1024,
     mode: str = "fast",
-) -> torch.Tensor:
-    """[N, 1, s, s] logits → [N, H, W] bool masks on the CPU (logits > 0).
+) -> Iterator[torch.Tensor]:
+    """[N, 1, s, s] logits → successive [n, W, H] bool CPU tensors (logits > 0), in prompt order.
 
-    `mode` "fast" (`masks_to_original_fast`) or "exact" (`masks_to_original_exact`). Float maps at
-    the original size exist for a few prompts at a time only, so large images stay bounded.
+    Each yield holds `mask_step` masks at most, transposed and C-contiguous: the bytes of the
+    Fortran-ordered H×W×n array pycocotools encodes (`io.masks.encode_rle_wh`); `.transpose(1, 2)`
+    gives the [n, H, W] masks. "fast" (`masks_to_original_fast`) samples straight into that
+    layout; "exact" (`masks_to_original_exact`) transposes each step's bools once.
     """
-    to_original = {"fast": masks_to_original_fast, "exact": masks_to_original_exact}[mode]
-    step = max(1, MASK_PIXEL_BUDGET // (original_size[0] * original_size[1]))
-    out = torch.empty(low_res.shape[0], *original_size, dtype=torch.bool)
+    if mode not in POSTPROCESS_MODES:
+        raise ValueError(f"mask post-processing must be one of {POSTPROCESS_MODES}, got {mode!r}")
+    step = mask_step(original_size, size, mode)
+    grid = None
+    if mode == "fast":
+        grid = _fast_grid(input_size, original_size, size, low_res.shape[-1], low_res.device, transposed=True)
     for s in range(0, low_res.shape[0], step):
-        logits = to_original(low_res[s : s + step].float(), input_size, original_size, size)
-        out[s : s + step] = (logits[:, 0] > 0).cpu()
-    return out
+        x = low_res[s : s + step].float()
+        if grid is not None:
+            yield (_sample(x, grid)[:, 0] > 0).cpu()
+        else:
+            exact = masks_to_original_exact(x, input_size, original_size, size)[:, 0] > 0
+            yield exact.transpose(1, 2).contiguous().cpu()

@@ -7,10 +7,15 @@ Every coordinate here is in *original image pixels*; boxes are XYXY. Conversions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Literal, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
+
+from .vocab import Vocabulary
+
+MaskFormat = Literal["bool", "rle"]
+MASK_FORMATS: tuple[str, ...] = ("bool", "rle")
 
 
 @dataclass
@@ -74,31 +79,37 @@ class Prompts:
 
 @dataclass
 class Prediction:
-    """Per-prompt results for one image (CPU tensors).
+    """Per-prompt results for one image (CPU tensors), in one of two mask formats.
 
-    masks: [N, H, W] bool at the original image size.
+    masks: [N, H, W] bool at the original image size ("bool" format), else None.
     labels: [N] int64, index into the vocabulary (never background).
     scores: [N] float, probability of `labels`.
     topk_labels / topk_scores: [N, k] alternatives, best first (column 0 == labels).
+    rles: N COCO compressed RLEs {"size": [H, W], "counts": str} ("rle" format), else None;
+        exactly `io.masks.encode_rle(masks)` of the bool format.
     """
 
-    masks: torch.Tensor
+    masks: Optional[torch.Tensor]
     labels: torch.Tensor
     scores: torch.Tensor
     topk_labels: torch.Tensor
     topk_scores: torch.Tensor
+    rles: Optional[list[dict]] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @staticmethod
-    def empty(height: int, width: int, k: int = 1) -> "Prediction":
+    def empty(height: int, width: int, k: int = 1, mask_format: MaskFormat = "bool") -> "Prediction":
+        """No prompts: [0, H, W] masks ("bool") or an empty RLE list ("rle")."""
+        rle = mask_format == "rle"
         return Prediction(
-            masks=torch.zeros(0, height, width, dtype=torch.bool),
+            masks=None if rle else torch.zeros(0, height, width, dtype=torch.bool),
             labels=torch.zeros(0, dtype=torch.long),
             scores=torch.zeros(0),
             topk_labels=torch.zeros(0, k, dtype=torch.long),
             topk_scores=torch.zeros(0, k),
+            rles=[] if rle else None,
         )
 
 
@@ -118,21 +129,27 @@ class PreparedImage:
 class Predictor(Protocol):
     """What `ovsam label` and the prompt protocol need from a model (OVSAM or a baseline).
 
-    class_names[i] / category_ids[i] describe vocabulary index i (the values of
-    `Prediction.labels`).
+    vocabulary: the classes; class_names[i] / category_ids[i] describe vocabulary index i (the
+    values of `Prediction.labels`). weights_sha256: component → sha256 of the weight file it
+    was loaded from ({} for random weights), for provenance and resume fingerprints.
     """
 
+    vocabulary: Vocabulary
     class_names: Sequence[str]
     category_ids: Sequence[int]
+    weights_sha256: dict[str, str]
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """HxWx3 uint8 RGB → model input. Pure CPU work, safe in DataLoader workers."""
         ...
 
-    def predict_prepared(self, images: Sequence[PreparedImage], prompts: Sequence[Prompts]) -> list[Prediction]:
-        """One Prompts per image, in original pixels; returns one Prediction per image."""
+    def predict_prepared(self, images: Sequence[PreparedImage], prompts: Sequence[Prompts], *,
+                         mask_format: MaskFormat = "bool") -> list[Prediction]:
+        """One Prompts per image, in original pixels; returns one Prediction per image, its masks
+        as [N, H, W] bool ("bool") or as COCO RLEs encoded a few masks at a time ("rle")."""
         ...
 
-    def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts]) -> list[Prediction]:
+    def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts], *,
+                mask_format: MaskFormat = "bool") -> list[Prediction]:
         """`prepare` + `predict_prepared`."""
         ...

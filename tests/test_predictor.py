@@ -65,12 +65,62 @@ def test_chunking_does_not_change_results(images, tiny):
 
 
 def test_batching_does_not_change_results(images, tiny):
+    """Images per call do not change a single bit (the engine leaves the batch size out of its
+    resume fingerprint): the trunk, adapter and FPN are batch-invariant on CPU."""
     h, w = images[1].shape[:2]
     p = Prompts(boxes=_random_boxes(4, h, w, 7))
-    alone = tiny.predict(images[1:2], [p])[0]
-    batched = tiny.predict(images[:2], [Prompts(boxes=_random_boxes(3, *images[0].shape[:2], 8)), p])[1]
-    assert (alone.masks == batched.masks).float().mean() > 0.999
-    torch.testing.assert_close(alone.scores, batched.scores, atol=1e-4, rtol=1e-4)
+    alone = tiny.predict(images[1:2], [p], mask_format="rle")[0]
+    batched = tiny.predict(images[:2], [Prompts(boxes=_random_boxes(3, *images[0].shape[:2], 8)), p],
+                           mask_format="rle")[1]
+    assert alone.rles == batched.rles
+    assert torch.equal(alone.scores, batched.scores) and torch.equal(alone.topk_labels, batched.topk_labels)
+
+
+def _assert_implements_protocol(predictor) -> None:
+    """Structural, isinstance-free: every attribute of `types.Predictor` exists, and every method
+    accepts the protocol's parameters (same names, kinds, defaults; extras need defaults)."""
+    import inspect
+
+    from ovsam_model.types import Predictor
+
+    for name in Predictor.__annotations__:
+        assert hasattr(predictor, name), name
+    for name, member in vars(Predictor).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        wanted = list(inspect.signature(member).parameters.values())[1:]  # without self
+        got = inspect.signature(getattr(predictor, name)).parameters
+        for param in wanted:
+            assert param.name in got, f"{name}() lacks {param.name}"
+            ours = got[param.name]
+            kinds = {param.kind, ours.kind} <= {param.POSITIONAL_OR_KEYWORD, param.POSITIONAL_ONLY}
+            assert kinds or ours.kind == param.kind, f"{name}({param.name}) kind"
+            assert ours.default == param.default, f"{name}({param.name}) default"
+        extra = [p for n, p in got.items() if n not in {q.name for q in wanted}]
+        assert all(p.default is not p.empty for p in extra), f"{name}() has extra required parameters"
+    assert list(predictor.class_names) == list(predictor.vocabulary.class_names)
+    assert list(predictor.category_ids) == list(predictor.vocabulary.category_ids)
+    assert isinstance(predictor.weights_sha256, dict)
+
+
+@pytest.mark.parametrize("name", ["tiny", "baseline-image-crop:tiny", "baseline-feature-crop:tiny"])
+def test_predictors_implement_the_protocol(name, tiny):
+    predictor = tiny if name == "tiny" else build_predictor(name, random_weights=True)
+    _assert_implements_protocol(predictor)
+
+
+def test_weights_sha256_is_a_constructor_argument(tiny):
+    from ovsam_model.modeling.baselines import SAMClipBaseline, build_tiny_sam
+    from ovsam_model.modeling.clip_trunk import ClipTrunk
+    from ovsam_model.predictor import OVSAMPredictor
+
+    hashes = {"sam": "a" * 64}
+    baseline = SAMClipBaseline(build_tiny_sam(), ClipTrunk(tiny.cfg.clip), tiny.vocabulary,
+                               tiny.class_embeds[:-1].cpu(), "feature-crop", weights_sha256=hashes)
+    assert baseline.weights_sha256 == hashes and baseline.weights_sha256 is not hashes
+    ovsam = OVSAMPredictor(tiny.model, tiny.vocabulary, tiny.class_embeds[:-1].cpu(), tiny.seen)
+    assert ovsam.weights_sha256 == {}
+    _assert_implements_protocol(baseline)
 
 
 def test_point_prompts_with_negative_clicks(images, tiny):

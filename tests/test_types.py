@@ -33,3 +33,18 @@ def test_prompts_accept_boxes_points_and_both():
 def test_malformed_prompts_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Prompts(**kwargs)
+
+
+def test_prediction_length_comes_from_the_labels_in_both_mask_formats():
+    import torch
+
+    from ovsam_model.types import Prediction
+
+    labels = torch.tensor([3, 1])
+    rle = Prediction(masks=None, labels=labels, scores=torch.ones(2), topk_labels=labels[:, None],
+                     topk_scores=torch.ones(2, 1), rles=[{"size": [4, 5], "counts": "T1"}] * 2)
+    assert len(rle) == 2
+    empty_bool, empty_rle = Prediction.empty(4, 5, k=3), Prediction.empty(4, 5, k=3, mask_format="rle")
+    assert empty_bool.masks.shape == (0, 4, 5) and empty_bool.rles is None
+    assert empty_rle.masks is None and empty_rle.rles == [] and empty_rle.topk_labels.shape == (0, 3)
+    assert len(empty_bool) == len(empty_rle) == 0

@@ -1,9 +1,14 @@
 """Boolean masks → COCO encodings (compressed RLE with str counts, polygons), boxes and areas.
 
 All encodings come from pycocotools / OpenCV; masks go to uint8 without any float copy.
+pycocotools encodes a Fortran-ordered H×W×N uint8 array, whose bytes are those of a C-ordered
+[N, W, H] array: masks produced in that transposed layout (`transforms.iter_binary_masks_wh`)
+are encoded without any copy.
 """
 
 from __future__ import annotations
+
+from typing import Union
 
 import cv2
 import numpy as np
@@ -11,25 +16,37 @@ import torch
 from pycocotools import mask as mask_utils
 
 
-def _fortran_hwn(masks: torch.Tensor) -> np.ndarray:
-    """[N, H, W] bool → H×W×N uint8 in Fortran order (the layout `mask_utils.encode` wants)."""
-    if masks.dtype != torch.bool:
-        raise TypeError(f"masks must be bool, got {masks.dtype}")
-    arr = masks.detach().cpu().numpy().view(np.uint8)  # same bytes, no copy
-    # Fortran H×W×N has the same memory layout as C-contiguous N×W×H.
-    return np.ascontiguousarray(arr.transpose(0, 2, 1)).transpose(2, 1, 0)
-
-
 def encode_rle(masks: torch.Tensor) -> list[dict]:
     """[N, H, W] bool → N compressed RLEs {"size": [H, W], "counts": str}."""
     if masks.dim() != 3:
         raise ValueError(f"masks must be [N, H, W], got {tuple(masks.shape)}")
-    if masks.shape[0] == 0:
+    return encode_rle_wh(masks.transpose(1, 2))
+
+
+def encode_rle_wh(masks_wh: torch.Tensor) -> list[dict]:
+    """[N, W, H] bool (each mask transposed) → N compressed RLEs of the H×W masks.
+
+    A C-contiguous input is handed to pycocotools as is (its bytes are the Fortran H×W×N array
+    it wants); a strided one (e.g. `masks.transpose(1, 2)`) is copied once.
+    """
+    if masks_wh.dim() != 3:
+        raise ValueError(f"masks must be [N, W, H], got {tuple(masks_wh.shape)}")
+    if masks_wh.dtype != torch.bool:
+        raise TypeError(f"masks must be bool, got {masks_wh.dtype}")
+    if masks_wh.shape[0] == 0:
         return []
-    rles = mask_utils.encode(_fortran_hwn(masks))
+    arr = masks_wh.detach().cpu().contiguous().numpy().view(np.uint8)  # same bytes, no copy
+    rles = mask_utils.encode(arr.transpose(2, 1, 0))  # Fortran H×W×N view of the same memory
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """One compressed RLE (str or bytes counts) → [H, W] bool."""
+    counts = rle["counts"]
+    coded = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(coded).astype(bool)
 
 
 def rle_area(rles: list[dict]) -> list[int]:
@@ -46,12 +63,17 @@ def rle_bbox(rles: list[dict]) -> list[list[float]]:
     return [[float(v) for v in b] for b in mask_utils.toBbox(rles)] if rles else []
 
 
-def mask_polygons(mask: torch.Tensor | np.ndarray) -> list[list[float]]:
-    """[H, W] bool → COCO polygons [[x1, y1, x2, y2, ...], ...] of the outer contours.
+def mask_polygons(mask: Union[torch.Tensor, np.ndarray, dict]) -> list[list[float]]:
+    """One [H, W] bool mask, or its RLE dict, → COCO polygons [[x1, y1, x2, y2, ...], ...] of the
+    outer contours.
 
     Contours with fewer than 3 points (single pixels, thin lines) are dropped, so an empty or
-    tiny mask gives []. Coordinates are pixel centres in original pixels.
+    tiny mask gives []. Coordinates are pixel centres in original pixels. An RLE is decoded here,
+    so a caller holding RLEs only ever has one full-size mask alive.
     """
-    arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if isinstance(mask, dict):
+        arr = decode_rle(mask)
+    else:
+        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     contours, _ = cv2.findContours(np.ascontiguousarray(arr, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]

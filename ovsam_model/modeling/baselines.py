@@ -9,17 +9,16 @@ Both sit behind the same `Predictor` interface as OVSAM.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal, Optional, Sequence
+from typing import Literal, Optional
 
-import numpy as np
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torchvision.ops import roi_align
 
-from ..classify import class_logits, top_k
-from ..transforms import binary_masks_to_original, boxes_to_model, coords_to_model, prepare_image
-from ..types import PreparedImage, Prediction, Prompts
+from ..chunked import ChunkedPredictor, ChunkOutput, ModelPrompts
+from ..classify import class_logits
 from ..vocab import Vocabulary
 from .clip_trunk import ClipTrunk
 from .ovsam import fallback_boxes, mask_boxes
@@ -44,8 +43,21 @@ def build_tiny_sam(image_size: int = 1024, prompt_dim: int = 32) -> Sam:
     return Sam(encoder, prompt, decoder)
 
 
-class SAMClipBaseline:
-    """SAM + frozen CLIP behind the `Predictor` protocol."""
+@dataclass
+class BaselineFeatures:
+    """Per-batch features of the baselines (all [B, ...]).
+
+    pixels: the SAM-normalised inputs (the image-crop baseline crops them); embeddings: SAM's
+    image embeddings; c5: CLIP's last stage (feature-crop only, else None).
+    """
+
+    pixels: torch.Tensor
+    embeddings: torch.Tensor
+    c5: Optional[torch.Tensor]
+
+
+class SAMClipBaseline(ChunkedPredictor):
+    """SAM + frozen CLIP behind the `Predictor` protocol (the loop: `chunked.ChunkedPredictor`)."""
 
     def __init__(
         self,
@@ -61,81 +73,49 @@ class SAMClipBaseline:
         clip_input_size: Optional[int] = None,
         clip_roi_size: int = 12,
         logit_scale: float = 100.0,
+        mask_postprocess: str = "fast",
+        weights_sha256: Optional[dict[str, str]] = None,
     ) -> None:
         if mode not in ("image-crop", "feature-crop"):
             raise ValueError(f"unknown baseline mode {mode!r}")
-        self.device = torch.device(device)
+        self._sam_mean = sam.pixel_mean.flatten().tolist()
+        self._sam_std = sam.pixel_std.flatten().tolist()
+        super().__init__(vocabulary, device=device, image_size=sam.image_encoder.img_size, box_chunk=box_chunk,
+                         topk=topk, mask_postprocess=mask_postprocess, weights_sha256=weights_sha256,
+                         pixel_mean=tuple(self._sam_mean), pixel_std=tuple(self._sam_std))
         self.sam = sam.to(self.device).eval()
         self.clip = clip.to(self.device).eval()
         self.mode = mode
-        self.vocabulary = vocabulary
-        self.class_names = list(vocabulary.class_names)
-        self.category_ids = list(vocabulary.category_ids)
         self.class_embeds = class_embeds.float().to(self.device)
-        self.box_chunk = max(1, int(box_chunk))
-        self.topk = topk
         # CLIP's own input size (RN50x16: 384, ConvNeXt-L-320: 320) for the image-crop baseline
         visual_size = getattr(clip.clip.visual, "image_size", 384)
         visual_size = visual_size[0] if isinstance(visual_size, (tuple, list)) else visual_size
         self.clip_input_size = int(clip_input_size or visual_size)
         self.clip_roi_size = clip_roi_size
         self.logit_scale = logit_scale
-        self.weights_sha256: dict[str, str] = {}
-        self._sam_mean = sam.pixel_mean.flatten().tolist()
-        self._sam_std = sam.pixel_std.flatten().tolist()
-        # A plain function (picklable without the models) so DataLoader workers can run it.
-        self.prepare: Callable[[np.ndarray], PreparedImage] = partial(
-            prepare_image, size=self.image_size, mean=tuple(self._sam_mean), std=tuple(self._sam_std))
 
-    @property
-    def image_size(self) -> int:
-        return self.sam.image_encoder.img_size
+    def _encode_images(self, pixels: torch.Tensor) -> BaselineFeatures:
+        c5 = self.clip(pixels)[3] if self.mode == "feature-crop" else None
+        return BaselineFeatures(pixels=pixels, embeddings=self.sam.image_encoder(pixels), c5=c5)
 
-
-    def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts]) -> list[Prediction]:
-        return self.predict_prepared([self.prepare(im) for im in images], prompts)
-
-    @torch.inference_mode()
-    def predict_prepared(self, images: Sequence[PreparedImage], prompts: Sequence[Prompts]) -> list[Prediction]:
-        k = max(1, min(self.topk, len(self.class_names)))
-        out: list[Prediction] = []
-        for image, p in zip(images, prompts):
-            if len(p) == 0:
-                out.append(Prediction.empty(*image.original_size, k=k))
-                continue
-            pixels = image.pixels[None].to(self.device)
-            embedding = self.sam.image_encoder(pixels)
-            c5 = self.clip(pixels)[3] if self.mode == "feature-crop" else None
-            parts = [self._chunk(pixels, embedding, c5, image, p.slice(s, s + self.box_chunk), k)
-                     for s in range(0, len(p), self.box_chunk)]
-            out.append(Prediction(*(torch.cat([getattr(x, f) for x in parts]) for f in
-                                    ("masks", "labels", "scores", "topk_labels", "topk_scores"))))
-        return out
-
-    def _chunk(self, pixels: torch.Tensor, embedding: torch.Tensor, c5: Optional[torch.Tensor],
-               image: PreparedImage, prompts: Prompts, k: int) -> Prediction:
-        osz, isz = image.original_size, image.input_size
-        boxes = None if prompts.boxes is None else boxes_to_model(prompts.boxes, osz, isz).to(self.device)
-        points = None
-        if prompts.points is not None:
-            points = (coords_to_model(prompts.points, osz, isz).to(self.device), prompts.point_labels.to(self.device))
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-        low_res, _ = self.sam.mask_decoder(image_embeddings=embedding, image_pe=self.sam.prompt_encoder.get_dense_pe(),
+    def _decode_chunk(self, feats: BaselineFeatures, index: int, prompts: ModelPrompts,
+                      input_size: tuple[int, int]) -> ChunkOutput:
+        points = None if prompts.points is None else (prompts.points, prompts.point_labels)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=prompts.boxes, masks=None)
+        low_res, _ = self.sam.mask_decoder(image_embeddings=feats.embeddings[index : index + 1],
+                                           image_pe=self.sam.prompt_encoder.get_dense_pe(),
                                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                            multimask_output=False)
         roi_boxes, nonempty = mask_boxes(low_res, self.image_size / low_res.shape[-1])
-        fallback = fallback_boxes(boxes, *(points or (None, None)), isz)
+        fallback = fallback_boxes(prompts.boxes, prompts.points, prompts.point_labels, input_size)
         roi_boxes = torch.where(nonempty[:, None], roi_boxes, fallback)
         rois = torch.cat([roi_boxes.new_zeros(roi_boxes.shape[0], 1), roi_boxes], dim=1)
         if self.mode == "image-crop":
-            region = self._image_crop_embed(pixels, low_res, rois)
+            region = self._image_crop_embed(feats.pixels[index : index + 1], low_res, rois)
         else:
-            region = self.clip.region_embed(c5, rois, self.clip_roi_size)
+            region = self.clip.region_embed(feats.c5[index : index + 1], rois, self.clip_roi_size)
         probs = class_logits(region.float(), self.class_embeds, self.logit_scale).softmax(dim=-1)
-        labels, scores = top_k(probs, k)
-        masks = binary_masks_to_original(low_res, isz, osz, self.image_size)
-        return Prediction(masks=masks, labels=labels[:, 0].cpu(), scores=scores[:, 0].cpu(),
-                          topk_labels=labels.cpu(), topk_scores=scores.cpu())
+        return ChunkOutput(low_res=low_res, probs=probs)
 
     def _image_crop_embed(self, pixels: torch.Tensor, low_res: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """Masked crops of the model-frame image, resized to CLIP's input by RoIAlign, then CLIP."""

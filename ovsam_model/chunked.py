@@ -1,0 +1,167 @@
+"""One prompt-chunking loop for every predictor: images → features → chunks of prompts → results.
+
+`ChunkedPredictor.predict_prepared` encodes the images that have prompts in one batch, then runs
+each image's prompts through the decoder `box_chunk` at a time. A subclass supplies only
+
+- `_encode_images`: [B, 3, S, S] padded model inputs → its per-batch features, and
+- `_decode_chunk`: ≤ box_chunk prompts of one image, in the model frame → low-res mask logits
+  [n, 1, s, s] over the padded S×S square and foreground class probabilities [n, K].
+
+The loop owns the rest: images without prompts, the prompt frame change, top-k, and the masks at
+the original size. The per-chunk state is the low-res logits; full-size masks exist a few at a
+time (`transforms.MASK_PIXEL_BUDGET`), either copied into the [N, H, W] bool result ("bool") or
+encoded to COCO RLE at once ("rle"), so an image with thousands of prompts never holds them all.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .classify import top_k
+from .io.masks import encode_rle_wh
+from .transforms import POSTPROCESS_MODES, boxes_to_model, coords_to_model, iter_binary_masks_wh, prepare_image
+from .types import MASK_FORMATS, MaskFormat, PreparedImage, Prediction, Prompts
+from .vocab import Vocabulary
+
+
+@dataclass
+class ModelPrompts:
+    """Prompts of one image in the model frame (resized, before SAM's +0.5 shift), on the device.
+
+    boxes: [n, 4] XYXY or None; points: [n, P, 2] XY or None; point_labels: [n, P] or None.
+    """
+
+    boxes: Optional[torch.Tensor]
+    points: Optional[torch.Tensor]
+    point_labels: Optional[torch.Tensor]
+
+    @staticmethod
+    def of(prompts: Prompts, image: PreparedImage, device: torch.device) -> "ModelPrompts":
+        """Original-pixel prompts of `image` → the model frame on `device`."""
+        osz, isz = image.original_size, image.input_size
+        boxes = points = labels = None
+        if prompts.boxes is not None:
+            boxes = boxes_to_model(prompts.boxes, osz, isz).to(device)
+        if prompts.points is not None:
+            points = coords_to_model(prompts.points, osz, isz).to(device)
+            labels = prompts.point_labels.to(device)
+        return ModelPrompts(boxes, points, labels)
+
+
+@dataclass
+class ChunkOutput:
+    """What a subclass decodes for ≤ box_chunk prompts of one image.
+
+    low_res: [n, 1, s, s] mask logits over the padded S×S model square (any float dtype).
+    probs: [n, K] foreground class probabilities (background excluded).
+    """
+
+    low_res: torch.Tensor
+    probs: torch.Tensor
+
+
+class ChunkedPredictor(abc.ABC):
+    """The shared body of OVSAM and the baselines (the `types.Predictor` protocol).
+
+    image_size: S, the side of the padded square model input. box_chunk: prompts per decoder
+    call. topk: alternatives kept per prompt. mask_postprocess: "fast" or "exact"
+    (`transforms.iter_binary_masks_wh`). pixel_mean / pixel_std: the model's normalisation.
+    """
+
+    def __init__(
+        self,
+        vocabulary: Vocabulary,
+        *,
+        device: str | torch.device,
+        image_size: int,
+        box_chunk: int,
+        topk: int,
+        mask_postprocess: str,
+        weights_sha256: Optional[dict[str, str]],
+        pixel_mean: tuple[float, float, float],
+        pixel_std: tuple[float, float, float],
+    ) -> None:
+        if mask_postprocess not in POSTPROCESS_MODES:
+            raise ValueError(f"mask_postprocess must be one of {POSTPROCESS_MODES}, got {mask_postprocess!r}")
+        self.device = torch.device(device)
+        self.vocabulary = vocabulary
+        self.class_names = list(vocabulary.class_names)
+        self.category_ids = list(vocabulary.category_ids)
+        self.image_size = int(image_size)
+        self.box_chunk = max(1, int(box_chunk))
+        self.topk = topk
+        self.mask_postprocess = mask_postprocess
+        self.weights_sha256: dict[str, str] = dict(weights_sha256 or {})
+        # A plain function (picklable without the model) so DataLoader workers can run it.
+        self.prepare: Callable[[np.ndarray], PreparedImage] = partial(
+            prepare_image, size=self.image_size, mean=tuple(pixel_mean), std=tuple(pixel_std))
+
+    @abc.abstractmethod
+    def _encode_images(self, pixels: torch.Tensor) -> Any:
+        """[B, 3, S, S] normalised, padded inputs on the device → features for `_decode_chunk`."""
+
+    @abc.abstractmethod
+    def _decode_chunk(self, feats: Any, index: int, prompts: ModelPrompts, input_size: tuple[int, int]) -> ChunkOutput:
+        """Prompts of image `index` of the batch `feats` was encoded from; input_size: (h, w) of
+        the resized image inside the padded square."""
+
+    def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts], *,
+                mask_format: MaskFormat = "bool") -> list[Prediction]:
+        """`prepare` + `predict_prepared`."""
+        return self.predict_prepared([self.prepare(im) for im in images], prompts, mask_format=mask_format)
+
+    @torch.inference_mode()
+    def predict_prepared(self, images: Sequence[PreparedImage], prompts: Sequence[Prompts], *,
+                         mask_format: MaskFormat = "bool") -> list[Prediction]:
+        """One Prompts per image (original pixels) → one Prediction per image.
+
+        mask_format "bool": `Prediction.masks` [N, H, W] bool; "rle": `Prediction.rles`, the COCO
+        RLEs `io.masks.encode_rle` gives for those masks, encoded a few masks at a time.
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompt sets")
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        results = [Prediction.empty(*image.original_size, k=self._k(), mask_format=mask_format) for image in images]
+        busy = [i for i, p in enumerate(prompts) if len(p) > 0]
+        if busy:
+            pixels = torch.stack([images[i].pixels for i in busy]).to(self.device, non_blocking=True)
+            feats = self._encode_images(pixels)
+            for j, i in enumerate(busy):
+                results[i] = self._predict_image(feats, j, images[i], prompts[i], mask_format)
+        return results
+
+    def _k(self) -> int:
+        return max(1, min(self.topk, len(self.class_names)))
+
+    def _predict_image(self, feats: Any, index: int, image: PreparedImage, prompts: Prompts,
+                       mask_format: MaskFormat) -> Prediction:
+        """Every chunk of one image's prompts; masks filled in (bool) or encoded (rle) per step."""
+        n = len(prompts)
+        masks = torch.empty(n, *image.original_size, dtype=torch.bool) if mask_format == "bool" else None
+        rles: list[dict] = []
+        labels, scores = [], []
+        done = 0
+        for start in range(0, n, self.box_chunk):
+            chunk = ModelPrompts.of(prompts.slice(start, start + self.box_chunk), image, self.device)
+            out = self._decode_chunk(feats, index, chunk, image.input_size)
+            top_labels, top_scores = top_k(out.probs, self._k())
+            labels.append(top_labels.cpu())
+            scores.append(top_scores.float().cpu())
+            for step in iter_binary_masks_wh(out.low_res, image.input_size, image.original_size, self.image_size,
+                                             self.mask_postprocess):
+                if masks is not None:
+                    masks[done : done + step.shape[0]] = step.transpose(1, 2)
+                else:
+                    rles.extend(encode_rle_wh(step))
+                done += step.shape[0]
+        topk_labels, topk_scores = torch.cat(labels), torch.cat(scores)
+        return Prediction(masks=masks, labels=topk_labels[:, 0].clone(), scores=topk_scores[:, 0].clone(),
+                          topk_labels=topk_labels, topk_scores=topk_scores,
+                          rles=rles if masks is None else None)
