@@ -2,11 +2,16 @@
 
 Every command uses these, so that an option means the same thing and a mistake reads the same
 way in `label`, `eval` and `weights`.
+
+This module, `ovsam_cli.main` and the command modules import no torch (nor open_clip,
+segment_anything or the model code) at their top: the commands import those inside their
+functions, after the cheap checks of their arguments, so that a mistake is reported at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 
 class CliError(Exception):
@@ -54,16 +59,75 @@ def exit_broken_pipe() -> NoReturn:
     raise typer.Exit(SIGPIPE_EXIT)
 
 
-class _StdoutConsole(Console):
-    """rich's Console with our closed-pipe exit (rich's own default is a plain exit 1)."""
+# Output that does not go to a terminal (a pipe, a file, a test runner's buffer) is never wrapped
+# or cut: rich would otherwise lay it out for 80 columns, so that `ovsam weights list | grep lvis`
+# missed rows cut short and log files had paths broken over lines. Tables do not `expand`, so
+# they stay as wide as their content, not this width.
+UNWRAPPED_WIDTH = 1_000_000
+
+
+def is_tty(stream: Any) -> bool:
+    """Whether `stream` is an actual terminal (not merely told to use colours)."""
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+class _Console(Console):
+    """rich's Console, but `UNWRAPPED_WIDTH` columns wide when its stream is not a terminal.
+
+    On a terminal (and wherever a width is given, by `width=` or the COLUMNS variable) it
+    behaves as rich does. The stream is looked up on every use, as rich does (a test runner
+    swaps sys.stdout and sys.stderr)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        columns = self._environ.get("COLUMNS")
+        if self._width is None and not (columns and columns.isdigit()) and not is_tty(self.file):
+            return ConsoleDimensions(UNWRAPPED_WIDTH, self._height or 25)
+        return Console.size.fget(self)  # type: ignore[attr-defined]
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+class _StdoutConsole(_Console):
+    """The stdout console, with our closed-pipe exit (rich's own default is a plain exit 1)."""
 
     def on_broken_pipe(self) -> None:
         exit_broken_pipe()
 
 
 # Humans read stderr; stdout is for machine output (tables, paths, JSON).
-err_console = Console(stderr=True)
+err_console = _Console(stderr=True)
 out_console = _StdoutConsole()
+
+
+class _PlainLogHandler(logging.Handler):
+    """Log records as plain lines on `err_console` (level, message), never wrapped: for a stderr
+    that is not a terminal, where rich's log layout would pad every line to the console width."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            err_console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging's own convention
+            self.handleError(record)
+
+
+def log_handler(verbose: int = 0) -> logging.Handler:
+    """The handler of the `--verbose` log output on stderr: rich's layout on a terminal, plain
+    `LEVEL message` lines elsewhere (with the source location from -vv)."""
+    if is_tty(err_console.file):
+        from rich.logging import RichHandler
+
+        return RichHandler(console=err_console, show_path=verbose > 1)
+    handler = _PlainLogHandler()
+    where = " (%(pathname)s:%(lineno)d)" if verbose > 1 else ""
+    handler.setFormatter(logging.Formatter(f"%(levelname)s %(message)s{where}"))
+    return handler
 
 
 def info(message: str, quiet: bool = False) -> None:
@@ -83,26 +147,44 @@ def user_errors(code: int = 2, also: tuple[type[BaseException], ...] = (), prefi
     """Turn expected failures into one-line `fail` messages, not tracebacks: `CliError`, the
     library's input/weights/model errors, missing or unreadable files, bad option values, and the
     exception types in `also` (e.g. ValueError from the evaluators). `prefix` starts the message
-    (e.g. which process failed). A closed stdout pipe exits quietly (`exit_broken_pipe`)."""
-    from ovsam_model.checkpoint import CheckpointError
-    from ovsam_model.io.detections import InputError
-    from ovsam_model.registry import UnknownModelError
-    from ovsam_model.weights import WeightsError
-
+    (e.g. which process failed). A closed stdout pipe exits quietly (`exit_broken_pipe`).
+    Imports nothing: the library's error types are looked up among the modules already loaded."""
     try:
         yield
     except CliError as e:
         fail(prefix + first_line(e), e.code)
-    except (WeightsError, CheckpointError, UnknownModelError, InputError, *also) as e:
-        fail(prefix + first_line(e), code)
-    except BrokenPipeError:
-        exit_broken_pipe()
-    except FileNotFoundError as e:
-        fail(prefix + (f"file not found: {e.filename}" if e.filename else first_line(e)), code)
-    except OSError as e:  # permissions, full disk: the user's to fix, not a traceback
-        fail(prefix + (f"{e.strerror or e}: {e.filename}" if e.filename else first_line(e)), code)
-    except typer.BadParameter as e:
-        fail(prefix + e.format_message(), code)
+    except Exception as e:
+        if isinstance(e, (*_library_errors(), *also)):
+            fail(prefix + first_line(e), code)
+        if isinstance(e, BrokenPipeError):
+            exit_broken_pipe()
+        if isinstance(e, FileNotFoundError):
+            fail(prefix + (f"file not found: {e.filename}" if e.filename else first_line(e)), code)
+        if isinstance(e, OSError):  # permissions, full disk: the user's to fix, not a traceback
+            fail(prefix + (f"{e.strerror or e}: {e.filename}" if e.filename else first_line(e)), code)
+        if isinstance(e, typer.BadParameter):
+            fail(prefix + e.format_message(), code)
+        raise
+
+
+# The library's expected failures, each with a one-line message: (module, exception type).
+_LIBRARY_ERRORS = (
+    ("ovsam_model.weights", "WeightsError"),
+    ("ovsam_model.checkpoint", "CheckpointError"),
+    ("ovsam_model.registry", "UnknownModelError"),
+    ("ovsam_model.io.detections", "InputError"),
+)
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """The `_LIBRARY_ERRORS` types of the modules already imported: an error whose module was
+    never imported cannot have been raised, so nothing (torch above all) is imported for this."""
+    found = []
+    for module, name in _LIBRARY_ERRORS:
+        error = getattr(sys.modules.get(module), name, None)
+        if isinstance(error, type):
+            found.append(error)
+    return tuple(found)
 
 
 def parse_checkpoints(values: Optional[Sequence[str]], components: Optional[Iterable[str]] = None) -> dict[str, Path]:

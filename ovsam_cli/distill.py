@@ -5,7 +5,6 @@ Single process (CPU or one GPU) or `torchrun --nproc_per_node N -m ovsam_cli dis
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from enum import Enum
@@ -79,53 +78,52 @@ def distill(
 
     --checkpoint takes sam=PATH (the teacher's SAM ViT-H checkpoint) and sam2clip=PATH (an adapter to start from). The result loads with `ovsam label --checkpoint sam2clip=OUT/sam2clip_distilled.pth`.
     """
-    from ovsam_model.builder import resolve_spec
-    from ovsam_model.registry import sam_weight
-    from ovsam_model.train.distill import (
-        DistillConfig,
-        DistillError,
-        DistillInterrupted,
-        run_distill,
-    )
-    from ovsam_model.weights import clip_cache_dir, clip_pretrained_arg, fetch_file
+    from ovsam_model.registry import SAM2CLIP, resolve_spec, sam_weight
+    from ovsam_model.runtime import DistEnv
 
-    with user_errors(also=(DistillError,)):
+    with user_errors(also=(ValueError,)):  # the cheap checks, before torch is imported
         if not images.is_dir():
             raise CliError(f"--images {images}: no such folder")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None
+        env = DistEnv.from_env()
+        quiet = quiet or env.rank != 0
         opts = weight_options(cache_dir, offline, checkpoint, clip_weights, components=("sam", "sam2clip"))
         overrides = opts["overrides"] or {}
+        if teacher is not Teacher.vit_h and "sam" in overrides:
+            raise CliError(f"--checkpoint sam=PATH is the vit_h teacher's; --teacher {teacher.value} takes no weights")
         spec = resolve_spec(model)
-        quiet = quiet or rank != 0
-        teacher_weights = None
-        if teacher is Teacher.vit_h:
-            teacher_weights = fetch_file(sam_weight("vit_h"), cache_dir=cache_dir, offline=opts["offline"],
-                                         override=overrides.get("sam"), progress=not quiet, model=spec.name)
-        adapter_init = overrides.get("sam2clip")
-        if adapter_init is not None and not adapter_init.is_file():
-            raise CliError(f"--checkpoint sam2clip={adapter_init}: no such file")
-        clip_arg = clip_pretrained_arg(spec, clip_weights, opts["offline"], cache_dir)
+        if spec.kind != "ovsam":
+            raise CliError(f"{model} is a baseline; distillation needs an OVSAM model")
+
+    from ovsam_model.train.distill import DistillConfig, DistillError, DistillInterrupted, run_distill
+    from ovsam_model.weights import resolve_model_weights
+
+    with user_errors(also=(DistillError,)):
+        run_device = resolve_device(device, env.local_rank if env.distributed else None)
+        # the teacher's SAM ViT-H checkpoint (fetched for --teacher vit_h), and the adapter to start
+        # from (only a given --checkpoint sam2clip=PATH: the student starts random otherwise)
+        extra = [sam_weight("vit_h")] + ([] if SAM2CLIP.component in spec.components else [SAM2CLIP])
+        weights = resolve_model_weights(spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides,
+                                        clip_weights=clip_weights, extra_files=extra,
+                                        components=["sam"] if teacher is Teacher.vit_h else [],
+                                        progress=not quiet)
         cfg = DistillConfig(
             images=images, out=out, model=model, teacher=teacher.value, teacher_cache=teacher_cache, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup_iters=warmup_iters,
-            max_iters=max_iters, save_every=save_every, workers=workers,
-            device=resolve_device(device, local_rank), resume=resume, seed=seed, amp=amp,
-            teacher_weights=teacher_weights, adapter_init=adapter_init, clip_pretrained=clip_arg,
-            clip_cache_dir=clip_cache_dir(cache_dir) if clip_arg is not None else None,
+            max_iters=max_iters, save_every=save_every, workers=workers, device=run_device, resume=resume,
+            seed=seed, amp=amp, teacher_weights=weights.paths.get("sam"), adapter_init=weights.paths.get("sam2clip"),
+            clip_pretrained=weights.clip_pretrained, clip_cache_dir=weights.clip_cache_dir,
         )
         try:
             result = run_distill(cfg, progress=not quiet)
         except DistillInterrupted as e:
             again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
-            info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=rank != 0)
-            info(f"resume with: ovsam {shlex.join(again)}", quiet=rank != 0)
+            info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=env.rank != 0)
+            info(f"resume with: ovsam {shlex.join(again)}", quiet=env.rank != 0)
             raise typer.Exit(130) from None
     for note in result.notes:
         info(note, quiet)
     last_loss = f", last loss {result.losses[-1]:.4g}" if result.losses else ""
     info(f"{result.step}/{result.total} iterations (epoch {result.epoch}){last_loss}; teacher embedded "
          f"{result.teacher_computed} new image(s); resume state: {result.last}", quiet)
-    if rank == 0:
+    if env.rank == 0:
         typer.echo(str(result.distilled))

@@ -14,7 +14,7 @@ import gc
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.cells import cell_len
@@ -43,14 +43,10 @@ from ovsam_cli.common import (
     weight_options,
 )
 from ovsam_model import __version__
-from ovsam_model.eval.report import (
-    DetectorResult,
-    PromptResult,
-    detector_table,
-    prompt_table,
-    write_json_atomic,
-)
 from ovsam_model.weights import sha256_of
+
+if TYPE_CHECKING:  # the evaluators import torch: only inside the command, after its checks
+    from ovsam_model.eval.report import DetectorResult, PromptResult
 
 
 class Protocol(str, Enum):
@@ -105,11 +101,9 @@ def _render(header: list[str], rows: list[list[str]], title: str, notes: list[st
         out.print(f"[dim]- {escape(note)}[/dim]", soft_wrap=True)
 
 
-def _run_detector(ann: Path, pred: Optional[Path], dataset: str, split: str, iou_type: str) -> tuple[DetectorResult, dict]:
+def _run_detector(ann: Path, pred: Path, dataset: str, split: str, iou_type: str) -> tuple[DetectorResult, dict]:
     from ovsam_model.eval.detector import evaluate_detections
 
-    if pred is None:
-        raise CliError("the detector protocol needs --pred (a COCO results JSON, e.g. `ovsam label` output)")
     result = evaluate_detections(ann, pred, dataset=dataset, iou_type=iou_type, split=split)  # type: ignore[arg-type]
     report = {
         "ovsam_version": __version__,
@@ -122,7 +116,7 @@ def _run_detector(ann: Path, pred: Optional[Path], dataset: str, split: str, iou
 
 
 def _run_prompt(
-    ann: Path, images: Optional[Path], models: list[str], dataset: str, prompt: str, *, vocab: Optional[str],
+    ann: Path, images: Path, models: list[str], dataset: str, prompt: str, *, vocab: Optional[str],
     vocab_names: Optional[Path], roi_box: str,
     batch_size: int, max_images: Optional[int], device: str, build_kwargs: dict[str, Any], progress: bool,
 ) -> tuple[list[PromptResult], dict]:
@@ -131,10 +125,6 @@ def _run_prompt(
     from ovsam_model.eval.prompt import evaluate_prompts
     from ovsam_model.vocab import vocabulary_from_categories
 
-    if images is None or not models:
-        raise CliError("the prompt protocol needs --images DIR and --model NAME[,NAME...]")
-    if not images.is_dir():
-        raise CliError(f"images folder not found: {images}")
     gt = load_ground_truth(ann)  # read once, shared by all models
     categories = list(gt["categories"])
     if vocab is None and not categories:
@@ -207,21 +197,33 @@ def eval_command(
 
     logging.getLogger("lvis").setLevel(logging.ERROR)  # lvis warns on every list input
     table_on_stdout = json_out != "-"
-    with user_errors(also=(ValueError,)):
+    with user_errors(also=(ValueError,)):  # the cheap checks, before torch is imported
         if not ann.is_file():
             raise CliError(f"ground-truth file not found: {ann}")
+        names = [m.strip() for m in (model or "").split(",") if m.strip()]
+        if protocol is Protocol.detector:
+            if pred is None:
+                raise CliError("the detector protocol needs --pred (a COCO results JSON, e.g. `ovsam label` output)")
+            if not pred.is_file():
+                raise CliError(f"prediction file not found: {pred}")
+        else:
+            if images is None or not names:
+                raise CliError("the prompt protocol needs --images DIR and --model NAME[,NAME...]")
+            if not images.is_dir():
+                raise CliError(f"images folder not found: {images}")
+            build_kwargs = {"random_weights": random_weights,
+                            **weight_options(cache_dir, offline, checkpoint, clip_weights)}
+
+    from ovsam_model.eval.report import detector_table, prompt_table, write_json_atomic
+
+    with user_errors(also=(ValueError,)):
         try:
             if protocol is Protocol.detector:
-                if pred is not None and not pred.is_file():
-                    raise CliError(f"prediction file not found: {pred}")
                 det, report = _run_detector(ann, pred, dataset.value, split.value, iou_type.value)
                 header, rows = detector_table(det)
                 title = f"{dataset.value} {iou_type.value} AP (split {split.value})"
                 notes = det.notes
             else:
-                names = [m.strip() for m in (model or "").split(",") if m.strip()]
-                build_kwargs = {"random_weights": random_weights,
-                                **weight_options(cache_dir, offline, checkpoint, clip_weights)}
                 results, report = _run_prompt(ann, images, names, dataset.value, prompt.value, vocab=vocab,
                                               vocab_names=vocab_names, roi_box=roi_box.value,
                                               batch_size=batch_size, max_images=max_images,

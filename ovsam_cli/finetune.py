@@ -5,7 +5,6 @@ Single process (CPU or one GPU) or `torchrun --nproc_per_node N -m ovsam_cli fin
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from enum import Enum
@@ -94,74 +93,62 @@ def finetune(
 
     --checkpoint takes sam2clip=PATH (the frozen adapter, e.g. from `ovsam distill`), prompt_encoder=PATH, clip2sam=PATH (FPN and head to start from) and sam_decoder=PATH (a SAM checkpoint whose mask decoder starts the one-token decoder; by default SAM ViT-H's, extracted once into the cache; the FPN, label token and roi_conv start random). The result loads with `ovsam label --checkpoint clip2sam=OUT/clip2sam_finetuned.pth`.
     """
-    from ovsam_model.builder import resolve_spec
-    from ovsam_model.registry import sam_decoder_weight
-    from ovsam_model.train.finetune import (
-        FinetuneConfig,
-        FinetuneError,
-        FinetuneInterrupted,
-        run_finetune,
-    )
-    from ovsam_model.weights import (
-        clip_cache_dir,
-        clip_pretrained_arg,
-        fetch_file,
-        resolve_cache_dir,
-        resolve_weights,
-        sha256_of,
-    )
+    from ovsam_model.registry import resolve_spec, sam_decoder_weight
+    from ovsam_model.runtime import DistEnv
 
-    with user_errors(also=(FinetuneError,)):
+    with user_errors(also=(ValueError,)):  # the cheap checks, before torch is imported
         if not ann.is_file():
             raise CliError(f"--ann {ann}: no such file")
         if not images.is_dir():
             raise CliError(f"--images {images}: no such folder")
         steps = _milestones(milestones)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None
-        quiet = quiet or rank != 0
-        opts = weight_options(cache_dir, offline, checkpoint, clip_weights, components=COMPONENTS)
-        overrides = opts["overrides"] or {}
-        spec = resolve_spec(model)
-        wanted = [c for c in ("sam2clip", "prompt_encoder") if c in spec.components] + \
-                 (["clip2sam"] if "clip2sam" in overrides else [])
-        sam_decoder_path = overrides.pop("sam_decoder", None)
-        weights = resolve_weights(spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides,
-                                  components=wanted, progress=not quiet)
-        if sam_decoder_path is None and spec.files and "clip2sam" not in overrides:
-            # the released setting: the decoder starts from SAM ViT-H's (extracted once, 16 MB, cached)
-            sam_decoder_path = fetch_file(sam_decoder_weight("vit_h"), cache_dir=cache_dir, offline=opts["offline"],
-                                          progress=not quiet, model=model)
-        clip_arg = clip_pretrained_arg(spec, clip_weights, opts["offline"], cache_dir)
-        clip_tag = None
-        if clip_arg is not None:
-            clip_tag = f"sha256:{sha256_of(Path(clip_weights))}" if clip_weights else spec.clip_pretrained
         ratio = None if resize_min is None else (resize_min, resize_max)
         if ratio is None and resize_max != 2.0:
             ratio = ({"coco": 0.9, "lvis": 0.1}[dataset.value], resize_max)
         if ratio is not None and ratio[0] > ratio[1]:
             raise CliError(f"--resize-min {ratio[0]} is larger than --resize-max {ratio[1]}")
+        env = DistEnv.from_env()
+        quiet = quiet or env.rank != 0
+        opts = weight_options(cache_dir, offline, checkpoint, clip_weights, components=COMPONENTS)
+        overrides = opts["overrides"] or {}
+        spec = resolve_spec(model)
+        if spec.kind != "ovsam":
+            raise CliError(f"{model} is a baseline; finetuning needs an OVSAM model")
+
+    from ovsam_model.train.finetune import FinetuneConfig, FinetuneError, FinetuneInterrupted, run_finetune
+    from ovsam_model.weights import resolve_cache_dir, resolve_model_weights
+
+    with user_errors(also=(FinetuneError,)):
+        run_device = resolve_device(device, env.local_rank if env.distributed else None)
+        # the frozen parts; clip2sam only when given (to start from); SAM's mask decoder, where the
+        # one-token decoder starts (the released setting; extracted once, 16 MB, cached), unless
+        # clip2sam is given or the model has no released files (tiny)
+        wanted = [c for c in ("sam2clip", "prompt_encoder") if c in spec.components]
+        if spec.files and "clip2sam" not in overrides:
+            wanted.append("sam_decoder")
+        weights = resolve_model_weights(spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides,
+                                        clip_weights=clip_weights, components=wanted,
+                                        extra_files=[sam_decoder_weight("vit_h")], progress=not quiet)
         cfg = FinetuneConfig(
             ann=ann, images=images, out=out, dataset=dataset.value, model=model, epochs=epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, warmup_iters=warmup_iters, milestones=steps, grad_clip=grad_clip,
             prompts_per_image=prompts_per_image, resize_ratio=ratio, max_iters=max_iters, save_every=save_every,
-            workers=workers, device=resolve_device(device, local_rank), resume=resume, seed=seed, amp=amp,
-            weights=weights, sam_decoder=sam_decoder_path, clip_pretrained=clip_arg,
-            clip_cache_dir=clip_cache_dir(cache_dir) if clip_arg is not None else None,
-            clip_tag=clip_tag, cache_dir=resolve_cache_dir(cache_dir),
+            workers=workers, device=run_device, resume=resume, seed=seed, amp=amp,
+            weights={c: p for c, p in weights.paths.items() if c != "sam_decoder"},
+            sam_decoder=weights.paths.get("sam_decoder"), clip_pretrained=weights.clip_pretrained,
+            clip_cache_dir=weights.clip_cache_dir, clip_tag=weights.clip_identity, cache_dir=resolve_cache_dir(cache_dir),
         )
         try:
             result = run_finetune(cfg, progress=not quiet)
         except FinetuneInterrupted as e:
             again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
-            info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=rank != 0)
-            info(f"resume with: ovsam {shlex.join(again)}", quiet=rank != 0)
+            info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=env.rank != 0)
+            info(f"resume with: ovsam {shlex.join(again)}", quiet=env.rank != 0)
             raise typer.Exit(130) from None
     last = result.losses[-1] if result.losses else None
     last_loss = (f", last loss {last['loss']:.4g} (ce {last['ce']:.3g}, bce {last['bce']:.3g}, "
                  f"dice {last['dice']:.3g})") if last else ""
     info(f"{result.step}/{result.total} iterations (epoch {result.epoch}) on {result.images} image(s){last_loss}; "
          f"resume state: {result.last}", quiet)
-    if rank == 0:
+    if env.rank == 0:
         typer.echo(str(result.finetuned))

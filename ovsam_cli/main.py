@@ -1,4 +1,8 @@
-"""The `ovsam` command: global options, then one sub-command module per job."""
+"""The `ovsam` command: global options, then one sub-command module per job.
+
+Importing this module (and so starting `ovsam`) imports no torch: each command imports the
+model code inside its function, after checking its arguments (see `ovsam_cli.common`).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,8 @@ import sys
 from typing import Annotated, Optional
 
 import typer
-from rich.logging import RichHandler
 
-from ovsam_cli.common import SIGPIPE_EXIT, err_console, exit_broken_pipe
+from ovsam_cli.common import SIGPIPE_EXIT, err_console, exit_broken_pipe, log_handler
 from ovsam_cli.distill import distill
 from ovsam_cli.eval import eval_command
 from ovsam_cli.finetune import finetune
@@ -42,8 +45,7 @@ def main(
 ) -> None:
     """Open-Vocabulary SAM command line."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(message)s", force=True,
-                        handlers=[RichHandler(console=err_console, show_path=verbose > 1)])
+    logging.basicConfig(level=level, format="%(message)s", force=True, handlers=[log_handler(verbose)])
 
 
 # --- sub-commands: register new ones here ----------------------------------------------------

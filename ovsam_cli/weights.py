@@ -1,4 +1,8 @@
-"""`ovsam weights list | download | verify`: what a model needs, fetching it, checking files."""
+"""`ovsam weights list | download | verify`: what a model needs, fetching it, checking files.
+
+The model code (segment_anything, the builder) is imported only by `verify`, inside it; `list`
+and `download` import open_clip (and with it torch) only to look up or fetch the CLIP weights.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,10 @@ from collections.abc import Callable
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
-from torch import nn
 
 from ovsam_cli.common import (
     CacheDirOpt,
@@ -26,8 +29,10 @@ from ovsam_cli.common import (
     user_errors,
 )
 from ovsam_model import weights as W
-from ovsam_model.checkpoint import CheckpointError, load_weight_file, state_mismatch
 from ovsam_model.registry import MODEL_REGISTRY, SAM_CHECKPOINTS, ModelSpec, WeightFile, get_spec, with_sam_variant
+
+if TYPE_CHECKING:
+    from torch import nn
 
 app = typer.Typer(no_args_is_help=True, help="List, download and verify model weights.")
 
@@ -150,13 +155,13 @@ def download(
 
 def _build_random_model(spec: ModelSpec) -> nn.Module:
     """The model of `spec` with random weights: what the files are loaded into."""
+    from torch import nn
+
+    from ovsam_model.builder import build_model, build_sam
+
     if spec.kind == "ovsam":
-        from ovsam_model.builder import build_model
-
         return build_model(spec, random_weights=True)
-    from segment_anything import sam_model_registry
-
-    return nn.ModuleDict({"sam": sam_model_registry[spec.sam_variant or "vit_h"](checkpoint=None)})
+    return nn.ModuleDict({"sam": build_sam(spec.sam_variant or "vit_h")})
 
 
 def _find(wf: WeightFile, folder: Path) -> Optional[Path]:
@@ -168,6 +173,8 @@ def _find(wf: WeightFile, folder: Path) -> Optional[Path]:
 
 def _verify_clip(spec: ModelSpec, model: nn.Module, path: Path) -> None:
     import open_clip
+
+    from ovsam_model.checkpoint import CheckpointError, state_mismatch
 
     trunk = getattr(model, "trunk", None)
     clip = getattr(trunk, "clip", None)
@@ -188,6 +195,8 @@ def _verify_clip(spec: ModelSpec, model: nn.Module, path: Path) -> None:
 
 def _check(component: str, path: Path, load: Callable[[Path], None]) -> Optional[str]:
     """Load one file strictly and print its ok / FAILED line; the failure, or None."""
+    from ovsam_model.checkpoint import CheckpointError
+
     try:
         load(path)
     except CheckpointError as e:
@@ -215,6 +224,8 @@ def verify(
     if not any(found.values()) and clip_weights is None:
         names = ", ".join(wf.filename for wf in spec.files) or "none"
         fail(f"no weight file of {spec.name} in {weights_dir} (looked for: {names})", code=1)
+    from ovsam_model.checkpoint import load_weight_file
+
     with err_console.status(f"building {spec.name} with random weights"), user_errors():
         net = _build_random_model(spec)
     results = []

@@ -20,25 +20,33 @@ from .modeling.baselines import SAMClipBaseline, build_tiny_sam
 from .modeling.clip_trunk import ClipTrunk
 from .modeling.ovsam import OVSAM
 from .predictor import OVSAMPredictor
-from .registry import ModelSpec, get_spec, with_sam_variant
+from .registry import SAM_CHECKPOINTS, ModelSpec, resolve_spec, sam_weight
 from .types import Predictor
 from .vocab import Vocabulary, load_vocabulary, seen_mask, text_embeddings
+from .weights import ResolvedWeights, resolve_cache_dir, resolve_model_weights
+
+__all__ = ["SAM_VARIANTS", "build_model", "build_predictor", "build_sam", "resolve_spec"]
+
+# `resolve_spec` (a name with an optional `:variant`, or a spec → a spec) lives in the registry,
+# which needs no torch; it is re-exported here for the callers of the builder.
+SAM_VARIANTS = (*SAM_CHECKPOINTS, "tiny")
 
 
-def resolve_spec(name_or_spec: Union[str, ModelSpec]) -> ModelSpec:
-    """A registry name (with an optional `:variant` for baselines) or a spec → a spec."""
-    if isinstance(name_or_spec, ModelSpec):
-        return name_or_spec
-    name, _, variant = name_or_spec.partition(":")
-    spec = get_spec(name)
-    if not variant:
-        return spec
-    if spec.kind == "ovsam":
-        raise ValueError(f"{name} takes no ':{variant}' variant (only the baselines choose a SAM)")
+def build_sam(variant: str = "vit_h", weights_path: Optional[Union[str, Path]] = None) -> torch.nn.Module:
+    """segment_anything's `Sam` of `variant` ("vit_h", "vit_l", "vit_b"; "tiny": the real
+    architecture at small widths, `config.TINY`), random weights, then the whole SAM checkpoint
+    `weights_path` (official layout) loaded strictly when given. The one place a SAM is built:
+    the baselines, the distillation teacher and `ovsam weights verify` use it."""
     if variant == "tiny":
-        return replace(spec, name=name_or_spec, config=TINY, files=(), clip_model=TINY.clip.name,
-                       clip_pretrained=None, clip_quick_gelu=False, sam_variant="tiny")
-    return with_sam_variant(spec, variant)
+        if weights_path is not None:
+            raise ValueError("the tiny SAM has random weights only (no weights_path)")
+        return build_tiny_sam(TINY.image_size, TINY.prompt_dim)
+    if variant not in SAM_CHECKPOINTS:
+        raise ValueError(f"unknown SAM variant {variant!r} (known: {', '.join(SAM_VARIANTS)})")
+    sam = sam_model_registry[variant](checkpoint=None)
+    if weights_path is not None:
+        load_weight_file(torch.nn.ModuleDict({"sam": sam}), sam_weight(variant), weights_path)
+    return sam
 
 
 def build_model(
@@ -68,15 +76,6 @@ def _build_ovsam(spec: ModelSpec, weights: Mapping[str, Union[str, Path]], clip_
     return model, payloads
 
 
-def _build_sam(spec: ModelSpec, weights: Mapping[str, Union[str, Path]]) -> torch.nn.Module:
-    if spec.sam_variant == "tiny":
-        return build_tiny_sam(spec.config.image_size, spec.config.prompt_dim)
-    sam = sam_model_registry[spec.sam_variant or "vit_h"](checkpoint=None)
-    if "sam" in weights:
-        load_weight_file(torch.nn.ModuleDict({"sam": sam}), spec.file("sam"), weights["sam"])
-    return sam
-
-
 def build_predictor(
     name: Union[str, ModelSpec],
     *,
@@ -103,24 +102,17 @@ def build_predictor(
     choice; "prompt": the prompt box), `alpha` and `beta` override the registry's settings.
     Raises `WeightsError` / `CheckpointError` with one-line messages when weights are missing
     or malformed."""
-    from .weights import clip_cache_dir, clip_pretrained_arg, resolve_cache_dir, resolve_weights, sha256_of
-
     spec = resolve_spec(name)
     overrides_cfg = {k: v for k, v in (("roi_box", roi_box), ("alpha", alpha), ("beta", beta)) if v is not None}
     if roi_box not in (None, "mask", "prompt"):
         raise ValueError(f"roi_box must be 'mask' or 'prompt', not {roi_box!r}")
     if overrides_cfg:
         spec = replace(spec, config=spec.config.with_(**overrides_cfg))
-    paths: dict[str, Path] = {}
-    clip_arg = None
+    resolved = ResolvedWeights()
     if not random_weights:
-        paths = resolve_weights(spec, cache_dir=cache_dir, offline=offline, overrides=overrides, progress=progress)
-        clip_arg = clip_pretrained_arg(spec, clip_weights, offline, cache_dir)
-    # What the text-embedding cache keys on: the tag, or the sha256 of a --clip-weights file
-    # (never a cache path, which changes between a download and later cache hits).
-    clip_identity = None
-    if clip_arg is not None:
-        clip_identity = f"sha256:{sha256_of(Path(clip_weights))}" if clip_weights else spec.clip_pretrained
+        resolved = resolve_model_weights(spec, cache_dir=cache_dir, offline=offline, overrides=overrides,
+                                         clip_weights=clip_weights, progress=progress)
+    paths, clip_arg, clip_identity = resolved.paths, resolved.clip_pretrained, resolved.clip_identity
     if isinstance(vocab, Vocabulary):
         vocabulary = vocab
     else:
@@ -130,7 +122,7 @@ def build_predictor(
     if spec.kind == "ovsam":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random-weight parts (tiny, tests) are the same in every run
-            model, payloads = _build_ovsam(spec, paths, clip_arg, clip_cache_dir(cache_dir))
+            model, payloads = _build_ovsam(spec, paths, clip_arg, resolved.clip_cache_dir)
         model.trunk.weights_tag = clip_identity
         model.to(device)  # before the text tower encodes the vocabulary
         if "text_embeddings" in payloads and vocabulary.name == spec.vocabulary and vocabulary.embeddings is None:
@@ -139,12 +131,13 @@ def build_predictor(
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            sam = _build_sam(spec, paths)
-            encoder = ClipTrunk(spec.config.clip, pretrained=clip_arg, cache_dir=str(clip_cache_dir(cache_dir)),
+            sam = build_sam(spec.sam_variant or "vit_h", paths.get("sam"))
+            encoder = ClipTrunk(spec.config.clip, pretrained=clip_arg,
+                                cache_dir=None if resolved.clip_cache_dir is None else str(resolved.clip_cache_dir),
                                 quick_gelu=spec.clip_quick_gelu and clip_arg is not None).to(device)
         encoder.weights_tag = clip_identity
     class_embeds = text_embeddings(vocabulary, encoder, cache_dir=cache)
-    hashes = {c: sha256_of(p) for c, p in paths.items()} if not random_weights else {}
+    hashes = resolved.sha256
     if spec.kind == "ovsam":
         seen = seen_mask(vocabulary, load_vocabulary(spec.train_vocabulary))
         return OVSAMPredictor(model, vocabulary, class_embeds, seen, device=device, box_chunk=box_chunk, amp=amp,

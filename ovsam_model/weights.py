@@ -20,6 +20,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -236,19 +237,91 @@ def fetch_file(wf: WeightFile, *, cache_dir: str | Path | None = None, offline: 
 
 def resolve_weights(spec: ModelSpec, *, cache_dir: str | Path | None = None, offline: bool | None = None,
                     overrides: Optional[Mapping[str, str | Path]] = None,
-                    components: Optional[Iterable[str]] = None, progress: bool = True) -> dict[str, Path]:
-    """component → local path for the files of `spec` (all, or only `components`), in load order."""
+                    components: Optional[Iterable[str]] = None, progress: bool = True,
+                    extra_files: Iterable[WeightFile] = ()) -> dict[str, Path]:
+    """component → local path for the files of `spec` (all, or only `components`), in load order.
+
+    `extra_files`: files outside the spec that a job also needs (a training run's SAM teacher
+    or SAM decoder), resolved after the spec's own and named by their `component`. With
+    `components`, a component that has an override is resolved too (a given file is used)."""
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(spec.components))
+    files = (*spec.files, *extra_files)
+    known = [wf.component for wf in files]
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise WeightsError(f"{spec.name} has no weight component {unknown[0]!r} "
-                           f"(components: {', '.join(spec.components) or 'none'})")
-    wanted = set(spec.components if components is None else components)
+                           f"(components: {', '.join(known) or 'none'})")
+    wanted = set(known if components is None else components) | set(overrides)
     return {
         wf.component: fetch_file(wf, cache_dir=cache_dir, offline=offline, override=overrides.get(wf.component),
                                  progress=progress, model=spec.name)
-        for wf in spec.files if wf.component in wanted
+        for wf in files if wf.component in wanted
     }
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Everything a model build needs to know about its weights, resolved in one place
+    (`resolve_model_weights`): no tensors are read.
+
+    `paths`: component → local file, in load order. `clip_pretrained`: open_clip's
+    `pretrained=` (a local file, or a tag for open_clip to download into `clip_cache_dir`;
+    None: random CLIP). `clip_identity`: what names those CLIP weights in the text-embedding
+    cache: the tag, or `sha256:<hex>` of a `--clip-weights` file (never a cache path, which
+    changes between a download and later cache hits); None without pretrained CLIP.
+    `sha256`: component → sha256 of its file. Both hashes are computed on first use (and
+    remembered per file), so a job that never reports them never reads a large file for them.
+    """
+
+    paths: dict[str, Path] = field(default_factory=dict)
+    clip_pretrained: Optional[str] = None
+    clip_cache_dir: Optional[Path] = None
+    clip_tag: Optional[str] = None  # the spec's open_clip tag
+    clip_file: Optional[Path] = None  # a user-given --clip-weights file
+
+    @property
+    def clip_identity(self) -> Optional[str]:
+        if self.clip_pretrained is None:
+            return None
+        return f"sha256:{sha256_of(self.clip_file)}" if self.clip_file is not None else self.clip_tag
+
+    @property
+    def sha256(self) -> dict[str, str]:
+        return {component: sha256_of(path) for component, path in self.paths.items()}
+
+
+def resolve_model_weights(
+    spec: ModelSpec,
+    *,
+    cache_dir: str | Path | None = None,
+    offline: bool | None = None,
+    overrides: Optional[Mapping[str, str | Path]] = None,
+    clip_weights: str | Path | None = None,
+    components: Optional[Iterable[str]] = None,
+    extra_files: Iterable[WeightFile] = (),
+    progress: bool = True,
+) -> ResolvedWeights:
+    """The local weight files of `spec` and its CLIP, fetched or taken from the cache or the
+    user's files: the one place that turns `--cache-dir`, `--offline`, `--checkpoint` and
+    `--clip-weights` into what the builders need (`build_predictor`, `ovsam distill`,
+    `ovsam finetune`).
+
+    `overrides`: component → a user file (`--checkpoint`); `extra_files`: files outside the
+    spec (see `resolve_weights`); `components`: only these of the spec's and the extra files
+    (plus any overridden one; default all); `clip_weights`: a local open_clip file
+    (`--clip-weights`).
+    Raises `WeightsError` (one line) for a missing, unreachable or corrupt file.
+    """
+    paths = resolve_weights(spec, cache_dir=cache_dir, offline=offline, overrides=overrides, components=components,
+                            progress=progress, extra_files=extra_files)
+    clip_arg = clip_pretrained_arg(spec, clip_weights, offline, cache_dir)
+    return ResolvedWeights(
+        paths=paths,
+        clip_pretrained=clip_arg,
+        clip_cache_dir=clip_cache_dir(cache_dir) if clip_arg is not None else None,
+        clip_tag=spec.clip_pretrained,
+        clip_file=Path(clip_weights).expanduser() if clip_weights is not None and clip_arg is not None else None,
+    )
 
 
 def prompt_encoder_file(*, variant: str = "vit_h", cache_dir: str | Path | None = None,

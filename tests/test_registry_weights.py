@@ -318,3 +318,57 @@ def test_download_clip_goes_through_open_clip(empty_clip_caches, monkeypatch):
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained", broken)
     with pytest.raises(WeightsError, match=r"^cannot download CLIP weights RN50x16/openai: Failed to download file;"):
         weights.download_clip(get_spec("ovsam-rn50x16-coco"), cache_dir=empty_clip_caches)
+
+
+# --- resolve_model_weights: the one place the builders and training commands get weights from ---
+
+def test_resolve_model_weights_paths_clip_and_hashes(empty_clip_caches, tmp_path, net):
+    spec = get_spec("ovsam-rn50x16-coco")
+    mine = {c: tmp_path / f"{c}.pth" for c in spec.components}
+    for c, path in mine.items():
+        path.write_bytes(c.encode())
+    clip = tmp_path / "rn50x16.bin"
+    clip.write_bytes(b"clip")
+    got = weights.resolve_model_weights(spec, cache_dir=empty_clip_caches, offline=True, overrides=mine,
+                                        clip_weights=clip)
+    assert got.paths == mine and list(got.paths) == list(spec.components)
+    assert got.clip_pretrained == str(clip) and got.clip_cache_dir == weights.clip_cache_dir(empty_clip_caches)
+    assert got.clip_identity == "sha256:" + hashlib.sha256(b"clip").hexdigest()  # the file's, not its path
+    assert got.sha256 == {c: hashlib.sha256(c.encode()).hexdigest() for c in spec.components}
+    # no --clip-weights: the tag (open_clip downloads it); tiny: random CLIP, nothing to name
+    tagged = weights.resolve_model_weights(spec, cache_dir=empty_clip_caches, offline=False, overrides=mine)
+    assert (tagged.clip_pretrained, tagged.clip_identity) == ("openai", "openai")
+    tiny = weights.resolve_model_weights(get_spec("tiny"), offline=True)
+    assert (tiny.paths, tiny.clip_pretrained, tiny.clip_cache_dir, tiny.clip_identity) == ({}, None, None, None)
+    assert net.calls == []
+
+
+def test_resolve_model_weights_components_and_extra_files(empty_clip_caches, tmp_path, net):
+    """Training runs: a subset of the spec's files, any overridden one, and files outside the spec."""
+    spec = get_spec("ovsam-rn50x16-coco")
+    own = tmp_path / "own.pth"
+    own.write_bytes(b"x")
+    extra = [registry.sam_decoder_weight("vit_h")]
+    got = weights.resolve_model_weights(spec, cache_dir=tmp_path / "c", offline=True, components=[],
+                                        overrides={"clip2sam": own, "sam_decoder": own}, extra_files=extra,
+                                        clip_weights=own)
+    assert got.paths == {"clip2sam": own, "sam_decoder": own}
+    with pytest.raises(WeightsError, match=r"missing weight file sam_vit_h_mask_decoder\.pth"):
+        weights.resolve_model_weights(spec, cache_dir=tmp_path / "c", offline=True, components=["sam_decoder"],
+                                      extra_files=extra, clip_weights=own)
+    with pytest.raises(WeightsError, match="has no weight component 'sam_decoder'"):
+        weights.resolve_model_weights(spec, offline=True, overrides={"sam_decoder": own}, components=[])
+    with pytest.raises(WeightsError, match="not in open_clip's cache"):
+        weights.resolve_model_weights(spec, cache_dir=empty_clip_caches, offline=True, components=[])
+    assert net.calls == []
+
+
+def test_build_sam_variants():
+    from ovsam_model.builder import build_sam
+
+    sam = build_sam("tiny")
+    assert type(sam).__name__ == "Sam" and sam.prompt_encoder.embed_dim == 32
+    with pytest.raises(ValueError, match="unknown SAM variant 'vit_x'"):
+        build_sam("vit_x")
+    with pytest.raises(ValueError, match="random weights only"):
+        build_sam("tiny", "sam.pth")

@@ -1,12 +1,11 @@
 """What the training loops share: torchrun process-group set-up, RNG state for exact resumes,
-bf16 autocast on CUDA, and the Ctrl-C exception that carries where `last.pth` was saved."""
+the Ctrl-C exception that carries where `last.pth` was saved, and `ResumableTrainer`. The
+torchrun environment and bf16 autocast come from `ovsam_model.runtime`."""
 
 from __future__ import annotations
 
 import abc
-import os
 import random
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..atomic import torch_save_atomic
+from ..runtime import DistEnv, autocast_context
 
 
 class TrainingInterrupted(Exception):
@@ -26,13 +26,6 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted at iteration {step}; saved {checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
-
-
-def train_autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when `amp` (losses are computed in float32 by the callers)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def rng_state() -> dict:
@@ -52,9 +45,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """(rank, world size); initialises the process group under torchrun (`runtime.DistEnv`)."""
+    if not DistEnv.from_env().distributed:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -65,8 +57,6 @@ def barrier(world: int) -> None:
     """Wait for every process (no-op for a single one)."""
     if world > 1:
         dist.barrier()
-
-
 
 
 class ResumableTrainer(abc.ABC):
@@ -96,7 +86,8 @@ class ResumableTrainer(abc.ABC):
         self.step = 0
 
     def autocast(self):
-        return train_autocast(self.device, self.cfg.amp)
+        """bf16 autocast on CUDA when `cfg.amp` (the losses are computed in float32)."""
+        return autocast_context(self.device, self.cfg.amp)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Backward, clip (`cfg.grad_clip` > 0), step the optimizer and the per-iteration schedule."""

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from segment_anything import sam_model_registry
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 
 from ..atomic import torch_save_atomic
-from ..checkpoint import load_weight_file
-from ..registry import sam_weight
+from ..builder import build_sam
 
 TEACHERS = ("vit_h", "tiny")
 
@@ -46,9 +44,7 @@ def build_teacher(kind: str, *, weights: Optional[Path] = None, image_size: int 
     """
     identity = teacher_identity(kind, weights, tiny_dims)
     if kind == "vit_h":
-        sam = sam_model_registry["vit_h"](checkpoint=None)
-        load_weight_file(nn.ModuleDict({"sam": sam}), sam_weight("vit_h"), weights)
-        encoder = sam.image_encoder
+        encoder = build_sam("vit_h", weights).image_encoder
     else:
         dim, out = tiny_dims
         with torch.random.fork_rng(devices=[]):
