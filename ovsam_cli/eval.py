@@ -143,7 +143,7 @@ def _run_prompt(
                                   batch_size=batch_size, max_images=max_images, progress=progress,
                                   model_name=name)
         results.append(result)
-        entries.append({"name": name, "weights_sha256": dict(getattr(predictor, "weights_sha256", {}) or {}),
+        entries.append({"name": name, "weights_sha256": dict(predictor.weights_sha256),
                         "result": result.to_json()})
         del predictor  # one model in memory at a time
         gc.collect()

@@ -73,7 +73,7 @@ def test_part_file_resume_ignores_torn_line(tmp_path):
     w.append([_entry(3, [{"a": 1}]), _entry(1)])
     w.close()
     with open(path, "a") as f:
-        f.write('{"image": {"id": 9}, "reco')  # killed mid-write
+        f.write('{"record":{"c":3}}\n{"image": {"id": 9}, "n')  # killed mid-write: a record and a torn image line
     scan = scan_part(path)
     assert sorted(scan.entries) == [1, 3] and scan.header["fingerprint"] == "fp1"
     w = PartWriter(path, "fp1", {"--topk": 5}, resume=True)
@@ -85,12 +85,12 @@ def test_part_file_resume_ignores_torn_line(tmp_path):
     with pytest.raises(InputError, match=r"other options: --topk \(5 → 3\)"):
         PartWriter(path, "fp2", {"--topk": 3}, resume=True)
     index = PartIndex(out, "fp1")
-    assert [e["image"]["id"] for e in index.read([9, 1, 3])] == [9, 1, 3]
+    assert [(e["image"]["id"], list(e["records"])) for e in index.read([9, 1, 3])] == [(9, [{"b": 2}]), (1, []), (3, [{"a": 1}])]
     assert PartIndex(out, "other").entries == {} and index.missing([1, 4]) == [4]
     with open(path, "r+") as f:  # damage a line in the middle
         text = f.read()
         f.seek(0)
-        f.write(text.replace('{"image":{"id":1,', '{"image":{"id":1', 1))
+        f.write(text.replace('{"image":{"id":1,', '{"image":{"id":1', 1))  # an image line
     with pytest.raises(InputError, match="corrupt part file"):
         scan_part(path)
 

@@ -2,13 +2,16 @@
 
 Layout of `<out>.partial.jsonl` (one file per rank under several ranks:
 `<out>.partial.rank{r}.jsonl`):
-  line 1:  {"ovsam_partial": 2, "fingerprint": ..., "options": {...}}   what the contents depend on
+  line 1:  {"ovsam_partial": 3, "fingerprint": ..., "options": {...}}   what the contents depend on
   owner:   {"owner": {"pid", "host", "started"}}                          who writes it (one per run)
-  entries: {"image": {...}, "records": [...]}  (+ "skipped")             one finished image each
+  image:   {"record": {...}} × n, then {"image": {...}, "n": n}          one finished image: its records
+           (+ "skipped" on the image line)                                 first, one per line, then its image line
   end:     {"done": true, "world": W}                                     this rank finished
 
-Each batch is flushed and fsynced. A torn last line (a process killed mid-write) is cut off on
-resume. While a run writes a part file it holds an exclusive OS lock (`flock`) on it: a second
+An image counts as finished only once its image line is written: records without one (a process
+killed mid-image) are cut off on resume, like a torn last line. One record per line means no
+image's records are ever serialised (or parsed back) as one string. Each batch is flushed and
+fsynced. While a run writes a part file it holds an exclusive OS lock (`flock`) on it: a second
 run on the same output fails at once, naming the first one's pid, and never truncates its file;
 a lock left by a killed process is released by the OS, so the next run simply takes it.
 
@@ -33,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not guarded
     fcntl = None  # type: ignore[assignment]
 
-PART_VERSION = 2
+PART_VERSION = 3
 
 
 def part_path(out: Path, rank: int = 0, world: int = 1) -> Path:
@@ -48,11 +51,14 @@ def all_part_paths(out: Path) -> list[Path]:
 
 @dataclass
 class Located:
-    """Where one finished image's entry is, and what the summary needs of it."""
+    """Where one finished image's lines start (its first record, else its image line), how many
+    records it has, and what the summary needs of it."""
 
     path: Path
     offset: int
+    records: int
     skipped: Optional[str]
+    image_offset: int  # of the image line
 
 
 @dataclass
@@ -68,12 +74,18 @@ def scan_part(path: Path) -> PartScan:
     """Index a part file line by line (no entry is kept); a torn or garbled *last* line is ignored."""
     scan = PartScan()
     offset = 0
+    first_record: Optional[int] = None  # offset of the first record of the image being read
     with open(path, "rb") as f:
         line = f.readline()
         while line:
             nxt = f.readline()
             if not line.endswith(b"\n"):
                 break  # torn: the writer died mid-line
+            if line.startswith(b'{"record":'):  # not parsed: records are read back by the merge only
+                first_record = offset if first_record is None else first_record
+                offset += len(line)
+                line = nxt
+                continue
             try:
                 obj = json.loads(line)
             except ValueError:
@@ -86,9 +98,11 @@ def scan_part(path: Path) -> PartScan:
                 scan.owner = obj["owner"]
             elif "done" in obj:
                 scan.done_worlds.add(int(obj.get("world", 1)))
-            else:
+            elif "image" in obj:
                 image_id = int(obj["image"]["id"])
-                scan.entries.setdefault(image_id, Located(path, offset, obj.get("skipped")))
+                start = offset if first_record is None else first_record
+                scan.entries.setdefault(image_id, Located(path, start, int(obj.get("n", 0)), obj.get("skipped"), offset))
+            first_record = None
             offset += len(line)
             scan.valid_bytes = offset
             line = nxt
@@ -158,13 +172,23 @@ class PartWriter:
 
     def _write(self, objs: Iterable[dict]) -> None:
         for obj in objs:
-            self._file.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+            self._file.write(_dumps(obj) + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def append(self, entries: Sequence[dict]) -> None:
+        """Finished images ({"image", "records"[, "skipped"]}): each record on its own line, then
+        the image line that marks it done; flushed and fsynced once for all."""
+        for entry in entries:
+            for record in entry["records"]:
+                self._file.write(b'{"record":' + _dumps(record) + b"}\n")
+            line = {"image": entry["image"], "n": len(entry["records"])}
+            if entry.get("skipped"):
+                line["skipped"] = entry["skipped"]
+            self._file.write(_dumps(line) + b"\n")
         if entries:
-            self._write(entries)
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def finish(self, world: int) -> None:
         self._write([{"done": True, "world": world}])
@@ -220,7 +244,9 @@ class PartIndex:
         return [i for i in image_ids if i not in self.entries]
 
     def read(self, image_ids: Iterable[int]) -> Iterator[dict]:
-        """The entries of `image_ids`, in that order, read one at a time."""
+        """The entries of `image_ids`, in that order, read one at a time. An entry's "records" is
+        an iterator over its records, read from disk as it goes: consume it before asking for the
+        next entry (formats do), so that no image's records are all in memory at once."""
         handles: dict[Path, IO[bytes]] = {}
         try:
             for image_id in image_ids:
@@ -228,11 +254,25 @@ class PartIndex:
                 handle = handles.get(where.path)
                 if handle is None:
                     handle = handles[where.path] = open(where.path, "rb")
-                handle.seek(where.offset)
-                yield json.loads(handle.readline())
+                handle.seek(where.image_offset)
+                image = json.loads(handle.readline())
+                entry = {"image": image["image"], "records": _records(handle, where)}
+                if image.get("skipped"):
+                    entry["skipped"] = image["skipped"]
+                yield entry
         finally:
             for handle in handles.values():
                 handle.close()
+
+
+def _records(handle: IO[bytes], where: Located) -> Iterator[dict]:
+    handle.seek(where.offset)
+    for _ in range(where.records):
+        yield json.loads(handle.readline())["record"]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def is_finished(path: Path, world: int) -> bool:

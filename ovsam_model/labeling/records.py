@@ -16,10 +16,13 @@ reason` for an image that could not be used. Output formats turn entries into fi
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, TypedDict
+from typing import TYPE_CHECKING, Sequence, TypedDict
 
 from ovsam_model.io.datasets import ImageRecord
 from ovsam_model.io.detections import PromptRecord
+
+if TYPE_CHECKING:
+    from ovsam_model.types import Prediction
 
 LABEL_SOURCES = ("ovsam", "detector")
 
@@ -65,10 +68,9 @@ def skipped_entry(image: ImageRecord, reason: str) -> Entry:
     return {"image": image_info(image), "records": [], "skipped": str(reason)}
 
 
-def _rles(prediction: Any) -> list[dict]:
-    rles: Optional[list[dict]] = getattr(prediction, "rles", None)
-    if rles is not None:
-        return rles
+def _rles(prediction: "Prediction") -> list[dict]:
+    if prediction.rles is not None:
+        return prediction.rles
     from ovsam_model.io.masks import encode_rle
 
     return encode_rle(prediction.masks)
@@ -77,7 +79,7 @@ def _rles(prediction: Any) -> list[dict]:
 def build_records(
     image: ImageRecord,
     prompts: Sequence[PromptRecord],
-    prediction: Any,
+    prediction: "Prediction",
     *,
     category_ids: Sequence[int],
     label_source: str = "ovsam",

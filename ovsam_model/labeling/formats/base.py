@@ -48,7 +48,8 @@ class OutputFormat(abc.ABC):
 
     @abc.abstractmethod
     def add(self, entry: Entry) -> None:
-        """One finished image (skipped ones too: `entry["skipped"]` says why)."""
+        """One finished image (skipped ones too: `entry["skipped"]` says why). `entry["records"]`
+        may be an iterator read from disk as it goes: iterate it once, within this call."""
 
     @abc.abstractmethod
     def end(self) -> int:
