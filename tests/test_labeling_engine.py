@@ -19,34 +19,8 @@ import ovsam_cli.label as label_mod
 import ovsam_model.labeling.api as api_mod
 from ovsam_model import label_images, open_labeler
 from ovsam_model.io.detections import InputError
-from ovsam_model.labeling import ModelSettings
 
-from test_cli_label import _cache, _key, _real_load, app  # noqa: F401  (the cached tiny models)
-
-
-@pytest.fixture(autouse=True)
-def cached_model(monkeypatch):
-    def load(settings, vocabulary=None):
-        key = _key(settings, vocabulary)
-        if key not in _cache:
-            _cache[key] = _real_load(settings, vocabulary)
-        return _cache[key]
-
-    monkeypatch.setattr(api_mod, "load_predictor", load)
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture(scope="module")
-def mini(data_dir):
-    root = data_dir / "coco-val2017-mini"
-    if not root.is_dir():
-        pytest.skip("coco-val2017-mini not in the test data")
-    gt = json.loads((root / "instances.json").read_text())
-    ids = sorted(im["id"] for im in gt["images"])[:3]
-    boxes = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-             for a in gt["annotations"] if a["image_id"] in ids and not a["iscrowd"]]
-    return root, gt, ids, boxes
+from test_cli_label import app, cached_model, mini  # noqa: F401  (fixtures: the cached tiny models, the mini-val data)
 
 
 def cli(*args, input=None):

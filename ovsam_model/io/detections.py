@@ -255,6 +255,21 @@ def _checked(records: list[RawRecord], name: str) -> list[RawRecord]:
     return records
 
 
+def _records(docs: list[tuple[Any, str]], name: str, build: Callable[[Any, int, str], RawRecord],
+             strict: bool) -> list[RawRecord]:
+    """`build` each parsed document into a record; a structural failure refuses the file when
+    `strict`, else is kept as an unusable record (see `_unusable`)."""
+    out: list[RawRecord] = []
+    for i, (rec, where) in enumerate(docs):
+        try:
+            out.append(build(rec, i, where))
+        except InputError as exc:
+            if strict:
+                raise
+            out.append(_unusable(rec, i, exc, name))
+    return _checked(out, name)
+
+
 def _read_detectron2_pth(path: Path, require_category: bool, strict: bool) -> list[RawRecord]:
     """detectron2 `instances_predictions.pth`: [{image_id, instances: [{category_id 0-based, bbox XYWH, score}]}]."""
     import torch
@@ -300,15 +315,7 @@ def read_box_records(source: Source, *, require_category: bool = False, stdin: O
         return _read_detectron2_pth(Path(source), require_category, strict)
     text, name = _read_text(source, stdin)
     docs = _parse_json_documents(text, name)
-    out: list[RawRecord] = []
-    for i, (rec, where) in enumerate(docs):
-        try:
-            out.append(_box_record(rec, i, where, name, require_category))
-        except InputError as exc:
-            if strict:
-                raise
-            out.append(_unusable(rec, i, exc, name))
-    return _checked(out, name)
+    return _records(docs, name, lambda rec, i, where: _box_record(rec, i, where, name, require_category), strict)
 
 
 def _point_record(rec: Any, index: int, where: str, name: str, require_category: bool) -> RawRecord:
@@ -348,15 +355,7 @@ def read_point_records(source: Source, *, require_category: bool = False, stdin:
     if any(with_box) and not all(with_box):
         first = with_box.index(not with_box[0])
         raise InputError(f"{name}: {docs[first][1]}: give 'bbox' in every points record or in none")
-    out: list[RawRecord] = []
-    for i, (rec, where) in enumerate(docs):
-        try:
-            out.append(_point_record(rec, i, where, name, require_category))
-        except InputError as exc:
-            if strict:
-                raise
-            out.append(_unusable(rec, i, exc, name))
-    return _checked(out, name)
+    return _records(docs, name, lambda rec, i, where: _point_record(rec, i, where, name, require_category), strict)
 
 
 # ---------------------------------------------------------------------------------------
