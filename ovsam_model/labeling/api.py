@@ -54,7 +54,10 @@ class ModelSettings:
         return {"--model": self.model, "--vocab": None if self.vocab is None else str(self.vocab),
                 "--vocab (file sha256)": file_sha(self.vocab), "--vocab-names (file sha256)": file_sha(self.vocab_names),
                 "--topk": self.topk, "--no-amp": not self.amp, "--roi-box": self.roi_box,
-                "--random-weights": self.random_weights}
+                "--random-weights": self.random_weights,
+                # the decoder's GEMMs may round differently for other chunk sizes (seen on CPU for
+                # chunks of 1), so a resume must not mix two answers
+                "--box-batch": self.box_batch}
 
 
 def resolve_device(device: str) -> str:

@@ -128,6 +128,7 @@ class Labeler:
         p = self.predictor
         options = {str(k): _jsonable(v) for k, v in given.items()}
         options["--label-source"] = self.label_source
+        options["--batch-size"] = self.batch_size  # batched convolutions may pick other kernels (cudnn)
         options["prompts (input file, --score-thr, --max-dets, --ann)"] = prompts_digest(self.prompts)
         options["weights (sha256)"] = dict(sorted(p.weights_sha256.items()))
         options["vocabulary"] = hashlib.sha256(json.dumps(
