@@ -59,8 +59,11 @@ def rle_area(rles: list[dict]) -> list[int]:
 
 
 def rle_bbox(rles: list[dict]) -> list[list[float]]:
-    """XYWH box of each RLE ([0, 0, 0, 0] for an empty mask)."""
-    return [[float(v) for v in b] for b in mask_utils.toBbox(rles)] if rles else []
+    """XYWH box of each RLE ([0, 0, 0, 0] for an empty mask).
+
+    One RLE per call: on a list, pycocotools decodes every RLE's counts into C arrays at once,
+    which for thousands of detailed masks is gigabytes."""
+    return [[float(v) for v in mask_utils.toBbox(rle)] for rle in rles]
 
 
 def mask_polygons(mask: Union[torch.Tensor, np.ndarray, dict]) -> list[list[float]]:
