@@ -57,7 +57,8 @@ class ModelSettings:
                 "--random-weights": self.random_weights,
                 # the decoder's GEMMs may round differently for other chunk sizes (seen on CPU for
                 # chunks of 1), so a resume must not mix two answers
-                "--box-batch": self.box_batch}
+                "--box-batch": self.box_batch,
+                "--device (type)": resolve_device(self.device).split(":")[0]}  # CPU and CUDA kernels round differently
 
 
 def resolve_device(device: str) -> str:
