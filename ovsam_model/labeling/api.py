@@ -148,7 +148,8 @@ def open_labeler(
     """A ready `Labeler`: prompts from `boxes` (a detector file, '-', or a list of dicts
     {image_id, bbox XYWH, score[, category_id]}), `points` (click records), or any `source`;
     images from the folder `images`, named and sized by the COCO/LVIS dataset `ann` (without it:
-    `{image_id:012d}.jpg`). The model is `predictor` (ready), or built from `model` (a registry
+    `{image_id:012d}.jpg`), or an `ImageSource` already loaded; `exif` ("auto", "apply",
+    "ignore") chooses each image's frame. The model is `predictor` (ready), or built from `model` (a registry
     name, with `model_options` such as vocab=, device=, topk=, box_batch=, random_weights=,
     weights={...}; or a `ModelSettings`). Nothing is labeled yet: call `.run(out)` or iterate
     `.entries()`."""
@@ -167,7 +168,7 @@ def open_labeler(
         warnings = vocabulary_warnings(predictor, settings.vocab, image_source)
         options = settings.options()
     labeler = Labeler(predictor, image_source, source, label_source=label_source, batch_size=batch_size,
-                      workers=workers, exif=exif, strict=strict, options=options, events=events)
+                      workers=workers, strict=strict, options=options, events=events)
     labeler.vocabulary_origin = origin
     labeler.warnings = warnings
     return labeler

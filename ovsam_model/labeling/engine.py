@@ -88,7 +88,6 @@ class Labeler:
         label_source: str = "ovsam",
         batch_size: int = 2,
         workers: int = 2,
-        exif: str = "auto",
         strict: bool = False,
         options: Optional[Mapping[str, Any]] = None,
         events: Optional[LabelEvents] = None,
@@ -101,7 +100,7 @@ class Labeler:
         self.label_source = label_source
         self.batch_size = max(1, int(batch_size))
         self.workers = max(0, int(workers))
-        self.exif = exif
+        self.exif = images.exif  # the frame policy the image source sized the images with
         self.events = events or LabelEvents()
         self.vocabulary_origin = "the predictor's"  # where the vocabulary came from, for humans
         self.warnings: list[str] = []  # for humans, e.g. a vocabulary whose ids mean other classes
@@ -129,6 +128,7 @@ class Labeler:
         options = {str(k): _jsonable(v) for k, v in given.items()}
         options["--label-source"] = self.label_source
         options["--batch-size"] = self.batch_size  # batched convolutions may pick other kernels (cudnn)
+        options["--exif"] = self.exif
         options["prompts (input file, --score-thr, --max-dets, --ann)"] = prompts_digest(self.prompts)
         options["weights (sha256)"] = dict(sorted(p.weights_sha256.items()))
         options["vocabulary"] = hashlib.sha256(json.dumps(
@@ -158,26 +158,26 @@ class Labeler:
         loader = make_loader(todo, self.predictor.prepare, batch_size=self.batch_size, workers=self.workers,
                              exif=self.exif)
         for batch in loader:
-            out: list[Entry] = []
+            out: list[Optional[Entry]] = [None] * len(batch)  # in the order of `ids`
             ready, ready_prompts = [], []
-            for item in batch:
+            for slot, item in enumerate(batch):
                 kept = self.prompts.by_image.get(item.record.id, [])
                 if item.prepared is None:
                     self.events.image_skipped(item.record, item.error or "unreadable", len(kept))
-                    out.append(skipped_entry(item.record, item.reason or "unreadable"))
+                    out[slot] = skipped_entry(item.record, item.reason or "unreadable")
                 elif not kept:
-                    out.append(labeled_entry(item.record, []))
+                    out[slot] = labeled_entry(item.record, [])
                 else:
-                    ready.append(item)
+                    ready.append(slot)
                     ready_prompts.append(kept)
             predictions = self.predictor.predict_prepared(
-                [item.prepared for item in ready], [prompts_for(p) for p in ready_prompts], mask_format="rle") if ready else []
-            for item, kept, prediction in zip(ready, ready_prompts, predictions):
-                records = build_records(item.record, kept, prediction, category_ids=category_ids,
-                                        label_source=self.label_source)
-                out.append(labeled_entry(item.record, records))
-            out.sort(key=lambda e: e["image"]["id"])
-            yield from out
+                [batch[slot].prepared for slot in ready], [prompts_for(p) for p in ready_prompts],
+                mask_format="rle") if ready else []
+            for slot, kept, prediction in zip(ready, ready_prompts, predictions):
+                record = batch[slot].record
+                out[slot] = labeled_entry(record, build_records(record, kept, prediction, category_ids=category_ids,
+                                                                label_source=self.label_source))
+            yield from out  # type: ignore[misc]
             self.events.batch_done(len(batch), sum(len(p) for p in ready_prompts))
 
     def run(
