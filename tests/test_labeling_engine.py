@@ -22,6 +22,8 @@ from ovsam_model.io.detections import InputError
 
 from test_cli_label import app, cached_model, mini  # noqa: F401  (fixtures: the cached tiny models, the mini-val data)
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def cli(*args, input=None):
     return CliRunner().invoke(app, ["label", "--model", "tiny", "--device", "cpu", "--workers", "0", *map(str, args)],
@@ -222,3 +224,16 @@ def test_batch_shapes_and_workers_do_not_change_records_and_a_resume_names_them(
     for change, named in ((["--box-batch", 1], "--box-batch (64 → 1)"), (["--batch-size", 1], "--batch-size (2 → 1)")):
         r = cli(*args, "--out", tmp_path / "r.json", "--resume", *change)
         assert r.exit_code == 2 and named in r.stderr, r.output
+
+
+def test_devices_spawn_one_process_per_device_and_merge(data_dir, tmp_path):
+    """`--devices cpu,cpu`: the job is pickled into two spawned processes, each labels every other
+    image, rank 0 merges; the output equals a one-process run."""
+    root = data_dir / "coco-detections-sample"
+    args = ["--boxes", REPO / "examples" / "detections_139_802.json", "--images", root / "images",
+            "--ann", root / "instances_val2017_subset_139_802.json", "-q"]
+    assert cli(*args, "--out", tmp_path / "one.json").exit_code == 0
+    r = cli(*args, "--out", tmp_path / "two.json", "--devices", "cpu,cpu")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "two.json").read_bytes() == (tmp_path / "one.json").read_bytes()
+    assert not list(tmp_path.glob("*.partial*"))
