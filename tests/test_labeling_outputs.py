@@ -14,8 +14,8 @@ from pycocotools import mask as mask_utils
 
 from ovsam_model.io.datasets import ImageRecord
 from ovsam_model.io.detections import InputError, PromptRecord, SkipReason
-from ovsam_model.io.masks import encode_rle, rle_bbox
-from ovsam_model.labeling.formats import get_format, rle_polygons
+from ovsam_model.io.masks import encode_rle, mask_polygons, rle_bbox
+from ovsam_model.labeling.formats import get_format
 from ovsam_model.labeling.parts import PartIndex, PartWriter, changed_options, is_finished, part_path, scan_part
 from ovsam_model.labeling.records import build_records, skipped_entry
 from ovsam_model.types import Prediction
@@ -160,7 +160,7 @@ def test_polygons_from_records(tmp_path):
     rle = encode_rle(m)[0]
     _, res = _write("results:polygons", [_entry(1, [{"image_id": 1, "segmentation": rle, "area": 300}])], tmp_path)
     polys = res[0]["segmentation"]
-    assert polys == rle_polygons(rle) and isinstance(polys, list)
+    assert polys == mask_polygons(rle) and isinstance(polys, list)
     back = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, 40, 50)))
     assert (back & m[0].numpy()).sum() / (back | m[0].numpy()).sum() > 0.85
 

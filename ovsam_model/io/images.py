@@ -363,8 +363,3 @@ def read_image(path: PathLike, *, exif: str = "auto", expected_hw: Optional[tupl
     if apply and header.orientation != 1:
         array = apply_orientation(array, header.orientation)
     return DecodedImage(array, header, apply and header.orientation != 1)
-
-
-def read_rgb8(path: PathLike, exif: str = "ignore") -> np.ndarray:
-    """H×W×3 uint8 RGB of `path`: stored layout by default, or with "apply"/"auto" the EXIF frame."""
-    return read_image(path, exif=exif).array

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import JsonFileFormat, OutputFormat, rle_polygons
+from .base import JsonFileFormat, OutputFormat
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
@@ -24,4 +24,4 @@ def get_format(name: str, **options) -> OutputFormat:
     return OutputFormat.registry[name](**options)
 
 
-__all__ = ["JsonFileFormat", "OutputFormat", "format_names", "get_format", "rle_polygons"]
+__all__ = ["JsonFileFormat", "OutputFormat", "format_names", "get_format"]

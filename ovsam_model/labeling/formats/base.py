@@ -3,7 +3,8 @@
 The engine merges the part files and feeds each format one entry per image
 (`ovsam_model.labeling.records.Entry`), then tells it that the run has ended. A format writes
 nothing that looks complete before `end`: single-file formats write a temp file and rename it
-(`JsonFileFormat`), so a crash leaves no half-written output.
+(`JsonFileFormat`, through `ovsam_model.atomic.atomic_path`), so a crash leaves no half-written
+output.
 
 A new format is one new module in this package defining a subclass with a `name`; it is found
 by name (`get_format`) and listed in `ovsam label --format`.
@@ -12,12 +13,13 @@ by name (`get_format`) and listed in `ovsam label --format`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, Any, ClassVar, Optional, Sequence
+
+from ovsam_model.atomic import atomic_path
 
 from ..records import Entry
 
@@ -59,19 +61,13 @@ class OutputFormat(abc.ABC):
         """Drop whatever was started (the run failed); the previous output, if any, is kept."""
 
     def segmentation_of(self, record: dict) -> Any:
-        """The record's mask in this format's encoding (records carry compressed RLE)."""
+        """The record's mask in this format's encoding (records carry compressed RLE; polygons
+        decode one mask at a time)."""
         if self.segmentation == "rle":
             return record["segmentation"]
-        return rle_polygons(record["segmentation"])
+        from ovsam_model.io.masks import mask_polygons
 
-
-def rle_polygons(rle: dict) -> list[list[float]]:
-    """A compressed RLE → COCO polygons of its outer contours (one mask decoded at a time)."""
-    from pycocotools import mask as mask_utils
-
-    from ovsam_model.io.masks import mask_polygons
-
-    return mask_polygons(mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
+        return mask_polygons(record["segmentation"])
 
 
 class JsonFileFormat(OutputFormat):
@@ -79,13 +75,12 @@ class JsonFileFormat(OutputFormat):
     (renamed onto it by `end`) or onto standard output."""
 
     def begin(self, out: Optional[Path], categories: Sequence[dict]) -> None:
-        self._out = out
-        self._tmp: Optional[str] = None
+        self._target = contextlib.ExitStack()  # holds `atomic_path` open until end() / abort()
         if out is None:
             self._stream: IO[str] = sys.stdout
         else:
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-            self._stream = os.fdopen(fd, "w", encoding="utf-8")
+            tmp = self._target.enter_context(atomic_path(out))
+            self._stream = self._target.enter_context(open(tmp, "w", encoding="utf-8"))
         self.open_document(categories)
 
     def write(self, text: str) -> None:
@@ -107,18 +102,9 @@ class JsonFileFormat(OutputFormat):
         self.close_document()
         self._stream.write("\n")
         self._stream.flush()
-        if self._tmp is not None:
-            os.fsync(self._stream.fileno())
-            self._stream.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp makes 0600
-            os.replace(self._tmp, self._out)  # type: ignore[arg-type]
-            self._tmp = None
+        self._target.close()  # closes the temp file, fsyncs it and renames it onto `out`
         return self.count
 
     def abort(self) -> None:
-        if self._tmp is not None:
-            self._stream.close()
-            os.unlink(self._tmp)
-            self._tmp = None
+        aborted = RuntimeError("output aborted")
+        self._target.__exit__(type(aborted), aborted, None)  # `atomic_path` removes the temp file
