@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -35,6 +35,8 @@ from ovsam_cli.common import (
     user_errors,
     weight_options,
 )
+from ovsam_model.labeling.api import ModelSettings
+from ovsam_model.labeling.engine import LabelEvents
 from ovsam_model.labeling.formats import format_names
 from ovsam_model.runtime import DistEnv
 
@@ -70,10 +72,10 @@ class LabelJob:
     exif: str
     strict: bool
     quiet: bool
-    model: dict[str, Any] = field(default_factory=dict)  # `ModelSettings` fields
+    model: ModelSettings = field(default_factory=ModelSettings)
 
 
-class _Progress:
+class _Progress(LabelEvents):
     """The engine's events as a rich progress bar and one-line warnings on stderr."""
 
     def __init__(self, show: bool, quiet: bool) -> None:
@@ -85,39 +87,29 @@ class _Progress:
                             TimeElapsedColumn(), console=err_console, disable=not show)
         self.task = None
         self.images = self.prompts = 0
-        self.started = time.monotonic()
+        self.t0 = time.monotonic()
 
-    def started_run(self, total: int) -> None:
+    def started(self, total_images: int) -> None:
         self.bar.start()
-        self.task = self.bar.add_task("labeling", total=total, prompts=0, rate="0.0")
+        self.task = self.bar.add_task("labeling", total=total_images, prompts=0, rate="0.0")
+
+    def batch_done(self, images: int, prompts: int) -> None:
+        self.images += images
+        self.prompts += prompts
+        rate = self.images / max(time.monotonic() - self.t0, 1e-9)
+        self.bar.update(self.task, advance=images, prompts=self.prompts, rate=f"{rate:.1f}")
+
+    def image_skipped(self, image, message: str, prompts: int) -> None:
+        if not self.quiet:
+            from rich.markup import escape
+
+            what = f"{prompts} prompts skipped" if prompts else "left out of the dataset's images"
+            self.bar.console.print(f"[yellow]warning:[/] image {image.id} ({escape(str(image.path))}): "
+                                   f"{escape(message)}; {what}", soft_wrap=True)
 
     def stop(self) -> None:
         if self.task is not None:
             self.bar.stop()
-
-
-def _events(progress: _Progress):
-    from rich.markup import escape
-
-    from ovsam_model.labeling import LabelEvents
-
-    class Events(LabelEvents):
-        def started(self, total_images: int) -> None:
-            progress.started_run(total_images)
-
-        def batch_done(self, images: int, prompts: int) -> None:
-            progress.images += images
-            progress.prompts += prompts
-            rate = progress.images / max(time.monotonic() - progress.started, 1e-9)
-            progress.bar.update(progress.task, advance=images, prompts=progress.prompts, rate=f"{rate:.1f}")
-
-        def image_skipped(self, image, message: str, prompts: int) -> None:
-            if not progress.quiet:
-                what = f"{prompts} prompts skipped" if prompts else "left out of the dataset's images"
-                progress.bar.console.print(f"[yellow]warning:[/] image {image.id} ({escape(str(image.path))}): "
-                                           f"{escape(message)}; {what}", soft_wrap=True)
-
-    return Events()
 
 
 def _summary(summary, world: int) -> None:
@@ -132,12 +124,12 @@ def _summary(summary, world: int) -> None:
         info(f"clipped {summary.clipped} boxes partly outside their image")
 
 
-def _open(job: LabelJob, device: str, events):
+def _open(job: LabelJob, device: str, events: LabelEvents):
     """The engine's run for `job` on `device` (inputs checked before the model is built)."""
-    from ovsam_model.labeling import ModelSettings, open_labeler
+    from ovsam_model.labeling import open_labeler
 
     try:
-        return open_labeler(job.images, source=job.source, ann=job.ann, model=ModelSettings(**{**job.model, "device": device}),
+        return open_labeler(job.images, source=job.source, ann=job.ann, model=replace(job.model, device=device),
                             label_source=job.label_source, batch_size=job.batch_size, workers=job.workers,
                             exif=job.exif, strict=job.strict, events=events)
     except ValueError as exc:  # an unknown vocabulary or model variant
@@ -153,7 +145,7 @@ def _run(job: LabelJob, rank: int, world: int, device: str) -> None:
 
     progress = _Progress(show=not job.quiet and rank == 0, quiet=job.quiet or rank != 0)
     try:
-        labeler = _open(job, device, _events(progress))
+        labeler = _open(job, device, progress)
         if rank == 0:
             info(f"vocabulary: {labeler.predictor.vocabulary.name} ({len(labeler.predictor.category_ids)} classes) "
                  f"from {labeler.vocabulary_origin}", job.quiet)
@@ -335,9 +327,10 @@ def label(
             job = LabelJob(
                 source=source, images=image_source, ann=ann, out=target, label_source=label_source.value, fmt=fmt.value, polygons=polygons, resume=resume,
                 batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet,
-                model=dict(model=model, vocab=vocab, vocab_names=vocab_names, box_batch=box_batch, amp=not no_amp,
-                           topk=topk, roi_box=roi_box.value, random_weights=random_weights,
-                           weights=weight_options(cache_dir, offline, checkpoint, clip_weights, _model_components(model))),
+                model=ModelSettings(model=model, vocab=vocab, vocab_names=vocab_names, box_batch=box_batch,
+                                    amp=not no_amp, topk=topk, roi_box=roi_box.value, random_weights=random_weights,
+                                    weights=weight_options(cache_dir, offline, checkpoint, clip_weights,
+                                                           _model_components(model))),
             )
             execute(job, device, devices)
     except KeyboardInterrupt:
