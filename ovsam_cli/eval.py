@@ -1,8 +1,10 @@
-"""`ovsam eval`: the paper's two evaluation protocols (spec §7) on COCO and LVIS.
+"""`ovsam eval`: the paper's two evaluation protocols (spec §7) on COCO and LVIS, and proposal recall.
 
 Detector protocol: AP of a COCO results file (`ovsam label` output) with COCOeval / LVISEval.
 Prompt protocol: one box or centre-point prompt per GT instance, mIoU and top-1 accuracy, for one
-or several models side by side. The work is done by `ovsam_model.eval`; this module parses
+or several models side by side.
+Proposals protocol: class-agnostic AR of a COCO results file (COCOeval with useCats=0, the SAM
+paper's zero-shot object proposals). The work is done by `ovsam_model.eval`; this module parses
 options, builds predictors, prints the table and writes the JSON report.
 
 Register with `app.command("eval")(eval_command)`.
@@ -46,12 +48,13 @@ from ovsam_model import __version__
 from ovsam_model.weights import sha256_of
 
 if TYPE_CHECKING:  # the evaluators import torch: only inside the command, after its checks
-    from ovsam_model.eval.report import DetectorResult, PromptResult
+    from ovsam_model.eval.report import DetectorResult, PromptResult, ProposalResult
 
 
 class Protocol(str, Enum):
     detector = "detector"
     prompt = "prompt"
+    proposals = "proposals"
 
 
 class DatasetName(str, Enum):
@@ -115,6 +118,20 @@ def _run_detector(ann: Path, pred: Path, dataset: str, split: str, iou_type: str
     return result, report
 
 
+def _run_proposals(ann: Path, pred: Path, iou_type: str) -> tuple[ProposalResult, dict]:
+    from ovsam_model.eval.proposals import evaluate_proposals
+
+    result = evaluate_proposals(ann, pred, iou_type=iou_type)  # type: ignore[arg-type]
+    report = {
+        "ovsam_version": __version__,
+        "protocol": "proposals",
+        "settings": {"iou_type": iou_type, "max_dets": result.max_dets, "ann": str(ann),
+                     "ann_sha256": sha256_of(ann), "pred": str(pred), "pred_sha256": sha256_of(pred)},
+        "result": result.to_json(),
+    }
+    return result, report
+
+
 def _run_prompt(
     ann: Path, images: Path, models: list[str], dataset: str, prompt: str, *, vocab: Optional[str],
     vocab_names: Optional[Path], roi_box: str,
@@ -163,11 +180,11 @@ def _run_prompt(
 
 def eval_command(
     ann: Annotated[Path, typer.Option("--ann", help="Ground truth: COCO or LVIS dataset JSON.")],
-    protocol: Annotated[Protocol, typer.Option(help="detector: AP of --pred; prompt: mIoU/Acc of --model.")] = Protocol.detector,
+    protocol: Annotated[Protocol, typer.Option(help="detector: AP of --pred; prompt: mIoU/Acc of --model; proposals: class-agnostic recall (AR) of --pred.")] = Protocol.detector,
     dataset: Annotated[DatasetName, typer.Option(help="Evaluator and base/novel split: coco (48/17) or lvis (f+c / r).")] = DatasetName.coco,
-    pred: Annotated[Optional[Path], typer.Option("--pred", help="Detector protocol: COCO results JSON (e.g. `ovsam label` output).")] = None,
+    pred: Annotated[Optional[Path], typer.Option("--pred", help="Detector and proposals protocols: COCO results JSON (e.g. `ovsam label` output).")] = None,
     split: Annotated[SplitName, typer.Option(help="Detector protocol, COCO: 'ov' adds AP_base/AP_novel and restricts AP to the 65 OV classes.")] = SplitName.all,
-    iou_type: Annotated[IouTypeName, typer.Option("--iou-type", help="Detector protocol: mask (segm) or box AP.")] = IouTypeName.segm,
+    iou_type: Annotated[IouTypeName, typer.Option("--iou-type", help="Detector and proposals protocols: mask (segm) or box AP / AR.")] = IouTypeName.segm,
     prompt: Annotated[PromptName, typer.Option(help="Prompt protocol: GT box or centre point per instance.")] = PromptName.box,
     images: Annotated[Optional[Path], typer.Option(help="Prompt protocol: folder of the GT images.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Prompt protocol: model name(s), comma-separated, evaluated side by side.")] = None,
@@ -185,11 +202,13 @@ def eval_command(
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write every number and the settings as JSON to FILE, or '-' for stdout.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate with the paper's protocols: detector AP (Tab. 2-4) or prompt mIoU and accuracy (Tab. 1).
+    """Evaluate with the paper's protocols: detector AP (Tab. 2-4) or prompt mIoU and accuracy (Tab. 1); or proposal recall.
 
     Detector protocol: the AP of a COCO results file (--pred, e.g. `ovsam label` output) against --ann, with COCOeval or LVISEval.
 
     Prompt protocol: each model in --model gets one GT box or centre point per instance of --ann; reports mask IoU and top-1 label accuracy, base and novel classes apart. The vocabulary is the categories of --ann unless --vocab is given, so that accuracy compares ids that mean the same classes; masks use SAM's own (exact) post-processing, as the published numbers.
+
+    Proposals protocol: the class-agnostic recall of a COCO results file (--pred, e.g. `ovsam label` output) against --ann (COCO or LVIS JSON), with COCOeval and useCats=0, as the SAM paper's zero-shot object proposals: categories are ignored, AR@1/10/100/1000 keep the top N results per image by score, ARs/ARm/ARl are at 1000. --dataset is not used; --split ov is refused.
 
     The table goes to stdout (to stderr with --json -); --json writes every number and the settings.
     """
@@ -201,11 +220,13 @@ def eval_command(
         if not ann.is_file():
             raise CliError(f"ground-truth file not found: {ann}")
         names = [m.strip() for m in (model or "").split(",") if m.strip()]
-        if protocol is Protocol.detector:
+        if protocol in (Protocol.detector, Protocol.proposals):
             if pred is None:
-                raise CliError("the detector protocol needs --pred (a COCO results JSON, e.g. `ovsam label` output)")
+                raise CliError(f"the {protocol.value} protocol needs --pred (a COCO results JSON, e.g. `ovsam label` output)")
             if not pred.is_file():
                 raise CliError(f"prediction file not found: {pred}")
+            if protocol is Protocol.proposals and split is SplitName.ov:
+                raise CliError("--split ov does not apply to the proposals protocol (it is class-agnostic)")
         else:
             if images is None or not names:
                 raise CliError("the prompt protocol needs --images DIR and --model NAME[,NAME...]")
@@ -214,7 +235,7 @@ def eval_command(
             build_kwargs = {"random_weights": random_weights,
                             **weight_options(cache_dir, offline, checkpoint, clip_weights)}
 
-    from ovsam_model.eval.report import detector_table, prompt_table, write_json_atomic
+    from ovsam_model.eval.report import detector_table, prompt_table, proposal_table, write_json_atomic
 
     with user_errors(also=(ValueError,)):
         try:
@@ -223,6 +244,11 @@ def eval_command(
                 header, rows = detector_table(det)
                 title = f"{dataset.value} {iou_type.value} AP (split {split.value})"
                 notes = det.notes
+            elif protocol is Protocol.proposals:
+                prop, report = _run_proposals(ann, pred, iou_type.value)
+                header, rows = proposal_table(prop)
+                title = f"class-agnostic {iou_type.value} proposal recall"
+                notes = prop.notes
             else:
                 results, report = _run_prompt(ann, images, names, dataset.value, prompt.value, vocab=vocab,
                                               vocab_names=vocab_names, roi_box=roi_box.value,

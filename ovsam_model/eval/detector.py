@@ -48,9 +48,15 @@ def load_ground_truth(gt: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
     return data  # type: ignore[return-value]
 
 
-def load_predictions(predictions: str | os.PathLike | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+PREDICTION_FIELDS = ("image_id", "category_id", "score")
+
+
+def load_predictions(
+    predictions: str | os.PathLike | Sequence[Mapping[str, Any]],
+    required: Sequence[str] = PREDICTION_FIELDS,
+) -> list[dict[str, Any]]:
     """A COCO results array (JSON array or JSON Lines) from a path, or a list; a dataset JSON's
-    `annotations` is accepted too."""
+    `annotations` is accepted too. Every record must have the `required` fields."""
     data = predictions if isinstance(predictions, Sequence) and not isinstance(predictions, (str, bytes)) \
         else _read_json_or_lines(predictions)
     if isinstance(data, Mapping) and isinstance(data.get("annotations"), list):
@@ -60,7 +66,7 @@ def load_predictions(predictions: str | os.PathLike | Sequence[Mapping[str, Any]
     for i, p in enumerate(data):
         if not isinstance(p, Mapping):
             raise ValueError(f"prediction #{i} is not an object")
-        missing = [k for k in ("image_id", "category_id", "score") if k not in p]
+        missing = [k for k in required if k not in p]
         if missing:
             raise ValueError(f"prediction #{i} lacks {', '.join(missing)}")
     return list(data)  # type: ignore[arg-type]
@@ -90,19 +96,22 @@ def _first_few(values: Iterable[Any], n: int = 5) -> str:
     return shown + (f" (and {len(vals) - n} more)" if len(vals) > n else "")
 
 
-def check_ids(gt: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]) -> None:
-    """ValueError naming (the first few) prediction image / category ids absent from the GT."""
+def check_ids(gt: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]], *, categories: bool = True) -> None:
+    """ValueError naming (the first few) prediction image ids (and, with `categories`, category
+    ids) absent from the GT."""
     img_ids = {img["id"] for img in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
     bad_imgs = [p["image_id"] for p in predictions if p["image_id"] not in img_ids]
     if bad_imgs:
         raise ValueError(f"prediction image ids not in the ground truth: {_first_few(bad_imgs)}")
+    if not categories:
+        return
     bad_cats = [p["category_id"] for p in predictions if p["category_id"] not in cat_ids]
     if bad_cats:
         raise ValueError(f"prediction category ids not in the ground truth: {_first_few(bad_cats)}")
 
 
-def _prepare_predictions(
+def prepare_predictions(
     gt: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]], iou_type: IouType
 ) -> list[dict[str, Any]]:
     """Deep copies ready for loadRes / LVISResults: segm → compressed RLE without `bbox`."""
@@ -173,8 +182,18 @@ def _coco_gt(gt: Mapping[str, Any]) -> COCO:
     return coco
 
 
-def run_coco_eval(gt: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]], iou_type: IouType) -> COCOeval:
-    """COCOeval (evaluate + accumulate) on copies; predictions already prepared. pycocotools' prints are muted."""
+def run_coco_eval(
+    gt: Mapping[str, Any],
+    predictions: Sequence[Mapping[str, Any]],
+    iou_type: IouType,
+    *,
+    use_cats: bool = True,
+    max_dets: Sequence[int] | None = None,
+) -> COCOeval:
+    """COCOeval (evaluate + accumulate) on copies; predictions already prepared. pycocotools' prints are muted.
+
+    `use_cats=False` and `max_dets` set `params.useCats` / `params.maxDets` (default: COCO's 1, 10, 100).
+    """
     coco_gt = _coco_gt(gt)
     with contextlib.redirect_stdout(io.StringIO()):
         if predictions:
@@ -185,6 +204,9 @@ def run_coco_eval(gt: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]
                                "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
             coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        ev.params.useCats = int(use_cats)
+        if max_dets is not None:
+            ev.params.maxDets = sorted(int(m) for m in max_dets)
         ev.evaluate()
         ev.accumulate()
     return ev
@@ -272,7 +294,7 @@ def evaluate_detections(
     gt_data = load_ground_truth(gt)
     preds = load_predictions(predictions)
     check_ids(gt_data, preds)
-    prepared = _prepare_predictions(gt_data, preds, iou_type)
+    prepared = prepare_predictions(gt_data, preds, iou_type)
     notes: list[str] = []
 
     if dataset == "lvis":

@@ -1,6 +1,6 @@
 """Evaluation results (dataclasses), their JSON form and table rows, and JSON file I/O.
 
-Units: every AP, IoU and accuracy is a fraction in [0, 1] (as pycocotools reports them);
+Units: every AP, AR, IoU and accuracy is a fraction in [0, 1] (as pycocotools reports them);
 tables show them ×100, as the paper does. `None` (JSON `null`) means "undefined" (no
 instance of that group); -1 is kept where pycocotools/LVIS return -1 (no ground truth in
 that area range or frequency group).
@@ -36,6 +36,27 @@ class DetectorResult:
     num_images: int
     num_predictions: int
     num_categories: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ProposalResult:
+    """Proposals protocol (the SAM paper's zero-shot object proposals): class-agnostic recall.
+
+    metrics: ordered name → value, e.g. "AR@100", "AR@1000", "ARs@1000" (fractions averaged over
+    IoU 0.50:0.95; -1 where there is no ground truth of that size).
+    max_dets: proposals kept per image for each AR@N. num_instances: non-crowd GT instances.
+    """
+
+    iou_type: str
+    metrics: dict[str, float]
+    max_dets: list[int]
+    num_images: int
+    num_predictions: int
+    num_instances: int
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -79,11 +100,20 @@ def _pct(value: Optional[float]) -> str:
     return f"{100.0 * value:.1f}"
 
 
+def _metrics_table(metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    header = ["metric", "value (%)"]
+    rows = [[name, _pct(value)] for name, value in metrics.items()]
+    return header, rows
+
+
 def detector_table(result: DetectorResult) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of one detector result, values in percent."""
-    header = ["metric", "value (%)"]
-    rows = [[name, _pct(value)] for name, value in result.metrics.items()]
-    return header, rows
+    return _metrics_table(result.metrics)
+
+
+def proposal_table(result: ProposalResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of one proposals result, values in percent."""
+    return _metrics_table(result.metrics)
 
 
 PROMPT_COLUMNS = (
