@@ -53,6 +53,11 @@ class ModelPrompts:
             labels = prompts.point_labels.to(device)
         return ModelPrompts(boxes, points, labels)
 
+    def select(self, rows: torch.Tensor) -> "ModelPrompts":
+        """The prompts at `rows` (indices or a bool mask)."""
+        pick = (lambda t: None if t is None else t[rows])
+        return ModelPrompts(pick(self.boxes), pick(self.points), pick(self.point_labels))
+
 
 @dataclass
 class ChunkOutput:
@@ -60,10 +65,24 @@ class ChunkOutput:
 
     low_res: [n, 1, s, s] mask logits over the padded S×S model square (any float dtype).
     probs: [n, K] foreground class probabilities (background excluded).
+    background: [n] probability of the background class, or None for a model without one.
     """
 
     low_res: torch.Tensor
     probs: torch.Tensor
+    background: Optional[torch.Tensor] = None
+
+
+@dataclass
+class MaskStage:
+    """Masks decoded for prompts of one image, not yet classified: segment-everything filters
+    them (stability, crop edges) and classifies only the rest (`ChunkedPredictor.classify`).
+
+    low_res: as `ChunkOutput.low_res`; state: whatever the predictor needs to classify rows.
+    """
+
+    low_res: torch.Tensor
+    state: Any
 
 
 class ChunkedPredictor(abc.ABC):
@@ -111,6 +130,26 @@ class ChunkedPredictor(abc.ABC):
         """Prompts of image `index` of the batch `feats` was encoded from; input_size: (h, w) of
         the resized image inside the padded square."""
 
+    def decode_masks(self, feats: Any, index: int, prompts: ModelPrompts, input_size: tuple[int, int]) -> MaskStage:
+        """The masks of ≤ box_chunk prompts of image `index` of `feats`, classified later by
+        `classify`. This default decodes and classifies at once; a predictor whose classifier
+        needs only some rows overrides both to classify the rows that are kept."""
+        out = self._decode_chunk(feats, index, prompts, input_size)
+        return MaskStage(low_res=out.low_res, state=out)
+
+    def classify(self, stage: MaskStage, rows: Optional[torch.Tensor] = None) -> ChunkOutput:
+        """Class probabilities of the masks of `stage` at `rows` (indices or a bool mask; None:
+        all). `low_res` of the result holds those rows' logits."""
+        out: ChunkOutput = stage.state
+        if rows is None:
+            return out
+        return ChunkOutput(low_res=out.low_res[rows], probs=out.probs[rows],
+                           background=None if out.background is None else out.background[rows])
+
+    def encode(self, images: Sequence[PreparedImage]) -> Any:
+        """Features of a batch of prepared images, for `decode_masks` (index i: images[i])."""
+        return self._encode_images(torch.stack([im.pixels for im in images]).to(self.device, non_blocking=True))
+
     def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts], *,
                 mask_format: MaskFormat = "bool") -> list[Prediction]:
         """`prepare` + `predict_prepared`."""
@@ -131,8 +170,7 @@ class ChunkedPredictor(abc.ABC):
         results = [Prediction.empty(*image.original_size, k=self._k(), mask_format=mask_format) for image in images]
         busy = [i for i, p in enumerate(prompts) if len(p) > 0]
         if busy:
-            pixels = torch.stack([images[i].pixels for i in busy]).to(self.device, non_blocking=True)
-            feats = self._encode_images(pixels)
+            feats = self.encode([images[i] for i in busy])
             for j, i in enumerate(busy):
                 results[i] = self._predict_image(feats, j, images[i], prompts[i], mask_format)
         return results

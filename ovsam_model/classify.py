@@ -61,6 +61,24 @@ def ensemble_probs(
     return log_p.exp()
 
 
+def ensemble_background(
+    head_logits: torch.Tensor,
+    clip_logits: Optional[torch.Tensor],
+    alpha: float = 0.1,
+    use_clip: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[N] probability of the background class (the last column) under the ensemble of
+    `ensemble_probs`, the background counting as a class seen in training (CLIP weight α).
+    Segment-everything drops a mask whose background probability beats its best class."""
+    log_head = F.log_softmax(head_logits.float(), dim=-1)[:, -1]
+    if clip_logits is None:
+        return log_head.exp()
+    log_p = (1 - alpha) * log_head + alpha * F.log_softmax(clip_logits.float(), dim=-1)[:, -1]
+    if use_clip is not None:
+        log_p = torch.where(use_clip.to(log_head.device).bool(), log_p, log_head)
+    return log_p.exp()
+
+
 def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels [N, k] long, scores [N, k]) of [N, K] foreground probs, best first; k ≤ K is enforced
     by clipping. Labels are contiguous indices 0..K-1 (map with `Vocabulary.category_ids`)."""

@@ -6,8 +6,10 @@ from typing import Optional
 
 import torch
 
-from .chunked import ChunkedPredictor, ChunkOutput, ModelPrompts
-from .classify import add_background, class_logits, ensemble_probs
+from dataclasses import dataclass
+
+from .chunked import ChunkedPredictor, ChunkOutput, MaskStage, ModelPrompts
+from .classify import add_background, class_logits, ensemble_background, ensemble_probs
 from .config import PIXEL_MEAN, PIXEL_STD
 from .modeling.ovsam import OVSAM, ImageFeatures
 from .runtime import autocast_context
@@ -58,10 +60,37 @@ class OVSAMPredictor(ChunkedPredictor):
 
     def _decode_chunk(self, feats: ImageFeatures, index: int, prompts: ModelPrompts,
                       input_size: tuple[int, int]) -> ChunkOutput:
+        return self.classify(self.decode_masks(feats, index, prompts, input_size))
+
+    def decode_masks(self, feats: ImageFeatures, index: int, prompts: ModelPrompts,
+                     input_size: tuple[int, int]) -> MaskStage:
         with autocast_context(self.device, self.amp):
-            out = self.model.decode(feats, index, boxes=prompts.boxes, points=prompts.points,
-                                    point_labels=prompts.point_labels, input_size=input_size)
+            logits, label_embed = self.model.decode_masks(feats, index, boxes=prompts.boxes, points=prompts.points,
+                                                          point_labels=prompts.point_labels)
+        return MaskStage(low_res=logits, state=_Decoded(feats, index, prompts, input_size, label_embed))
+
+    def classify(self, stage: MaskStage, rows: Optional[torch.Tensor] = None) -> ChunkOutput:
+        s: _Decoded = stage.state
+        logits, label_embed, prompts = stage.low_res, s.label_embed, s.prompts
+        if rows is not None:
+            logits, label_embed, prompts = logits[rows], label_embed[rows], prompts.select(rows)
+        with autocast_context(self.device, self.amp):
+            out = self.model.classify_regions(s.feats, s.index, logits, label_embed, boxes=prompts.boxes,
+                                              points=prompts.points, point_labels=prompts.point_labels,
+                                              input_size=s.input_size)
         head = class_logits(out.region_embeds, self.class_embeds, self.cfg.logit_scale)
         clip = class_logits(out.clip_embeds, self.class_embeds, self.cfg.logit_scale)
         probs = ensemble_probs(head, clip, self.seen, self.cfg.alpha, self.cfg.beta, out.use_clip)
-        return ChunkOutput(low_res=out.mask_logits, probs=probs)
+        background = ensemble_background(head, clip, self.cfg.alpha, out.use_clip)
+        return ChunkOutput(low_res=logits, probs=probs, background=background)
+
+
+@dataclass
+class _Decoded:
+    """What `OVSAMPredictor.classify` needs of a `decode_masks` call."""
+
+    feats: ImageFeatures
+    index: int
+    prompts: ModelPrompts
+    input_size: tuple[int, int]
+    label_embed: torch.Tensor

@@ -155,3 +155,19 @@ def iter_binary_masks_wh(
         else:
             exact = masks_to_original_exact(x, input_size, original_size, size)[:, 0] > 0
             yield exact.transpose(1, 2).contiguous().cpu()
+
+
+def iter_mask_logits(
+    low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], size: int = 1024,
+    mode: str = "fast",
+) -> Iterator[torch.Tensor]:
+    """[N, 1, s, s] logits → successive [n, H, W] float32 logits at the original size, on the
+    input's device, `mask_step` masks at a time (what segment-everything's stability score and
+    crop-edge filter read before the masks are thresholded)."""
+    if mode not in POSTPROCESS_MODES:
+        raise ValueError(f"mask post-processing must be one of {POSTPROCESS_MODES}, got {mode!r}")
+    step = mask_step(original_size, size, mode)
+    grid = _fast_grid(input_size, original_size, size, low_res.shape[-1], low_res.device) if mode == "fast" else None
+    for s in range(0, low_res.shape[0], step):
+        x = low_res[s : s + step].float()
+        yield (_sample(x, grid) if grid is not None else masks_to_original_exact(x, input_size, original_size, size))[:, 0]

@@ -118,10 +118,39 @@ class OVSAM(nn.Module):
         -1 padding). input_size: (h, w) of the resized image inside the padded square, to keep
         fallback RoIs off the padding.
         """
+        mask_logits, label_embed = self.decode_masks(feats, image_index, boxes, points, point_labels)
+        return self.classify_regions(feats, image_index, mask_logits, label_embed, boxes, points, point_labels,
+                                     input_size)
+
+    def decode_masks(
+        self,
+        feats: ImageFeatures,
+        image_index: int,
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first half of `decode`: → mask logits [N, 1, S/4, S/4] and the label branch's
+        embedding [N, D]. Segment-everything filters masks here before classifying the rest."""
         embedding = feats.embeddings[image_index : image_index + 1]
         sparse, dense, image_pe = self.encode_prompts(boxes, points, point_labels)
         dtype = embedding.dtype
-        mask_logits, label_embed = self.head.decode(embedding, image_pe.to(dtype), sparse.to(dtype), dense.to(dtype))
+        return self.head.decode(embedding, image_pe.to(dtype), sparse.to(dtype), dense.to(dtype))
+
+    def classify_regions(
+        self,
+        feats: ImageFeatures,
+        image_index: int,
+        mask_logits: torch.Tensor,
+        label_embed: torch.Tensor,
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+        input_size: Optional[tuple[int, int]] = None,
+    ) -> DecodeOutput:
+        """The second half of `decode`: RoIs from the masks (or the prompts), pooled from the FPN
+        (head) and from CLIP's C5 (frozen branch). Every row is independent of the others."""
+        dtype = feats.embeddings.dtype
         scale = self.cfg.image_size / mask_logits.shape[-1]
         roi_boxes, nonempty = mask_boxes(mask_logits, scale)
         limit = input_size or (self.cfg.image_size, self.cfg.image_size)
