@@ -3,7 +3,9 @@
 With `--ann`: COCO images name their file in `file_name`; LVIS v1 images have no `file_name`
 and are located through `coco_url` (`http://.../val2017/000000000139.jpg`): the file is
 looked up as `DIR/000000000139.jpg` and then `DIR/val2017/000000000139.jpg`.
-Without `--ann`: `DIR/{image_id:012d}.jpg` (COCO naming), size read from the file header, in
+Without `--ann`, prompts name images by id: `DIR/{image_id:012d}.jpg` (COCO naming); a run over
+every image of the folder (segment-everything, `ImageSource.all_ids`) lists its image files
+instead. Sizes are read from the file header, in
 the frame the images will be decoded in: with the EXIF orientation applied (policy "auto" or
 "apply", the detectors' frame), or as stored ("ignore"); see `ovsam_model.io.images`.
 """
@@ -20,6 +22,10 @@ from PIL import Image
 
 from ovsam_model.io.detections import InputError, SkipReason
 from ovsam_model.io.images import check_exif_policy, read_header
+
+
+# What a folder listing counts as an image (PIL opens more, but these are what datasets hold).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class ImageSource:
     exif: str = "auto"
     _images: dict[int, ImageRecord] = field(default_factory=dict)
     _unreadable: set[int] = field(default_factory=set)
+    _listed: Optional[list[int]] = None
 
     @property
     def category_ids(self) -> Optional[list[int]]:
@@ -63,6 +70,30 @@ class ImageSource:
         record = ImageRecord(image_id, self.root / name, name, size[0], size[1])
         self._images[image_id] = record
         return record
+
+    def all_ids(self) -> list[int]:
+        """Every image of the run, sorted by id: the dataset's with --ann; else the image files of
+        the folder and its subfolders (by path), with ids from their names when every name is a
+        number (COCO's `000000000139.jpg` is 139), else 1, 2, ... in path order. Files that are not
+        images (by extension) are not listed; unreadable ones are listed and skipped later."""
+        if self.kind != "folder":
+            return sorted(self._images)
+        if self._listed is None:
+            files = sorted((p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                           key=lambda p: p.relative_to(self.root).as_posix())
+            stems = [p.stem for p in files]
+            numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
+            ids = [int(s) for s in stems] if numeric else list(range(1, len(files) + 1))
+            self._listed = sorted(ids)
+            for image_id, path in zip(ids, files):
+                size = read_size(path, self.exif)
+                if size is None:
+                    self._unreadable.add(image_id)
+                    self._images.pop(image_id, None)
+                    continue
+                name = path.relative_to(self.root).as_posix()
+                self._images[image_id] = ImageRecord(image_id, path, name, size[0], size[1])
+        return list(self._listed)
 
     def size(self, image_id: int) -> Optional[tuple[int, int]]:
         record = self.get(image_id)

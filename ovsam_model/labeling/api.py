@@ -131,6 +131,7 @@ def open_labeler(
     *,
     boxes: Any = None,
     points: Any = None,
+    everything: Any = None,
     source: Optional[PromptSource] = None,
     ann: Optional[PathLike] = None,
     predictor: Any = None,
@@ -146,19 +147,23 @@ def open_labeler(
     **model_options: Any,
 ) -> Labeler:
     """A ready `Labeler`: prompts from `boxes` (a detector file, '-', or a list of dicts
-    {image_id, bbox XYWH, score[, category_id]}), `points` (click records), or any `source`;
+    {image_id, bbox XYWH, score[, category_id]}), `points` (click records), `everything` (True,
+    or an `ovsam_model.everything.EverythingSettings` or a dict of its fields: every image of the
+    run is segmented from a grid of clicks, each mask named), or any `source`;
     images from the folder `images`, named and sized by the COCO/LVIS dataset `ann` (without it:
     `{image_id:012d}.jpg`), or an `ImageSource` already loaded; `exif` ("auto", "apply",
     "ignore") chooses each image's frame. The model is `predictor` (ready), or built from `model` (a registry
     name, with `model_options` such as vocab=, device=, topk=, box_batch=, random_weights=,
     weights={...}; or a `ModelSettings`). Nothing is labeled yet: call `.run(out)` or iterate
     `.entries()`."""
-    given = {k: v for k, v in (("boxes", boxes), ("points", points)) if v is not None}
+    given = {k: v for k, v in (("boxes", boxes), ("points", points), ("everything", everything))
+             if v is not None and v is not False}
     if (source is None) == (not given) or len(given) > 1:
-        raise InputError("give exactly one of boxes=, points= or source=")
+        raise InputError("give exactly one of boxes=, points=, everything= or source=")
     if source is None:
         option, value = next(iter(given.items()))
-        source = make_source(option, value, score_thr=score_thr, max_dets=max_dets)
+        settings_of_records = {"score_thr": score_thr, "max_dets": max_dets} if option != "everything" else {}
+        source = make_source(option, value, **settings_of_records)
     image_source = check_inputs(images, source, ann=ann, exif=exif, label_source=label_source, strict=strict)
     settings = model if isinstance(model, ModelSettings) else ModelSettings(model=model, **model_options)
     origin, warnings, options = "the predictor's", [], {}

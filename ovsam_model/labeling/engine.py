@@ -24,8 +24,8 @@ from ovsam_model.io.detections import InputError, PromptSet
 
 from .formats import OutputFormat, get_format
 from .parts import PartIndex, PartWriter, all_part_paths, is_finished, part_path, try_lock
-from .records import LABEL_SOURCES, Entry, build_records, labeled_entry, skipped_entry
-from .sources import PromptSource, SourceContext, prompts_digest
+from .records import LABEL_SOURCES, Entry, labeled_entry, skipped_entry
+from .sources import PromptSource, SourceContext
 
 RANK_WAIT_S = 24 * 3600.0
 
@@ -112,12 +112,10 @@ class Labeler:
             check_categories=images.categories is not None or detector,
             require_category=detector,
             strict=strict,
+            all_image_ids=images.all_ids,
         )
         self.prompts: PromptSet = source.load(ctx)
-        # labeled images, and readable ones whose records were all filtered out (listed without
-        # annotations by formats that list images)
-        filtered = {i for i in self.prompts.image_ids - set(self.prompts.by_image) if images.get(i) is not None}
-        self.image_ids: list[int] = sorted(set(self.prompts.by_image) | filtered)
+        self.image_ids: list[int] = source.run_image_ids(self.prompts, lambda i: images.get(i) is not None)
         self.options = self._options(options or {})
         self.fingerprint = hashlib.sha256(json.dumps(self.options, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -129,7 +127,7 @@ class Labeler:
         options["--label-source"] = self.label_source
         options["--batch-size"] = self.batch_size  # batched convolutions may pick other kernels (cudnn)
         options["--exif"] = self.exif
-        options["prompts (input file, --score-thr, --max-dets, --ann)"] = prompts_digest(self.prompts)
+        options.update(self.source.fingerprint(self.prompts))
         options["weights (sha256)"] = dict(sorted(p.weights_sha256.items()))
         options["vocabulary"] = hashlib.sha256(json.dumps(
             [[int(i), str(n)] for i, n in zip(p.category_ids, p.class_names)]).encode()).hexdigest()[:16]
@@ -148,37 +146,32 @@ class Labeler:
     def entries(self, image_ids: Optional[Sequence[int]] = None) -> Iterator[Entry]:
         """Label `image_ids` (default: all of the run) and yield one entry per image, in order.
         Nothing is written; an image that cannot be used yields a skipped entry."""
-        from ovsam_model.io.detections import prompts_for
         from ovsam_model.io.loader import make_loader
 
         ids = self.image_ids if image_ids is None else list(image_ids)
         todo = [self.images.get(i) for i in ids]
         todo = [r for r in todo if r is not None]
         category_ids = list(self.predictor.category_ids)
-        loader = make_loader(todo, self.predictor.prepare, batch_size=self.batch_size, workers=self.workers,
-                             exif=self.exif)
+        loader = make_loader(todo, self.source.preparer(self.predictor), batch_size=self.batch_size,
+                             workers=self.workers, exif=self.exif)
         for batch in loader:
             out: list[Optional[Entry]] = [None] * len(batch)  # in the order of `ids`
-            ready, ready_prompts = [], []
+            ready = []
             for slot, item in enumerate(batch):
-                kept = self.prompts.by_image.get(item.record.id, [])
                 if item.prepared is None:
-                    self.events.image_skipped(item.record, item.error or "unreadable", len(kept))
+                    self.events.image_skipped(item.record, item.error or "unreadable",
+                                              self.source.skip_count(self.prompts, item.record.id))
                     out[slot] = skipped_entry(item.record, item.reason or "unreadable")
-                elif not kept:
-                    out[slot] = labeled_entry(item.record, [])
                 else:
                     ready.append(slot)
-                    ready_prompts.append(kept)
-            predictions = self.predictor.predict_prepared(
-                [batch[slot].prepared for slot in ready], [prompts_for(p) for p in ready_prompts],
-                mask_format="rle") if ready else []
-            for slot, kept, prediction in zip(ready, ready_prompts, predictions):
-                record = batch[slot].record
-                out[slot] = labeled_entry(record, build_records(record, kept, prediction, category_ids=category_ids,
-                                                                label_source=self.label_source))
+            records = self.source.label_batch(
+                self.predictor, [batch[slot].record for slot in ready], [batch[slot].prepared for slot in ready],
+                self.prompts, category_ids=category_ids, label_source=self.label_source) if ready else []
+            for slot, image_records in zip(ready, records):
+                out[slot] = labeled_entry(batch[slot].record, image_records)
             yield from out  # type: ignore[misc]
-            self.events.batch_done(len(batch), sum(len(p) for p in ready_prompts))
+            self.events.batch_done(len(batch), sum(self.source.count(self.prompts, batch[slot].record.id)
+                                                   for slot in ready))
 
     def run(
         self,
@@ -219,7 +212,7 @@ class Labeler:
                 done = {**PartIndex(parts_at, self.fingerprint).entries, **done}
             for image_id in mine:  # images skipped before an interruption still count
                 if image_id in done and done[image_id].skipped:
-                    summary.skipped[done[image_id].skipped] += len(self.prompts.by_image.get(image_id, ()))
+                    summary.skipped[done[image_id].skipped] += self.source.skip_count(self.prompts, image_id)
             todo = [i for i in mine if i not in done]
             summary.resumed = len(mine) - len(todo)
             self.events.started(len(todo))
@@ -227,10 +220,10 @@ class Labeler:
             for entry in self.entries(todo):
                 batch.append(entry)
                 if entry.get("skipped"):
-                    summary.skipped[entry["skipped"]] += len(self.prompts.by_image.get(entry["image"]["id"], ()))
+                    summary.skipped[entry["skipped"]] += self.source.skip_count(self.prompts, entry["image"]["id"])
                 else:
                     summary.images += 1
-                    summary.prompts += len(entry["records"])
+                    summary.prompts += self.source.count(self.prompts, entry["image"]["id"])
                 if len(batch) >= self.batch_size:
                     writer.append(batch)
                     batch = []
