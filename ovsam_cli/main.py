@@ -17,6 +17,7 @@ from ovsam_cli.distill import distill
 from ovsam_cli.eval import eval_command
 from ovsam_cli.finetune import finetune
 from ovsam_cli.label import label
+from ovsam_cli.show import show
 from ovsam_cli.weights import app as weights_app
 
 app = typer.Typer(
@@ -53,6 +54,7 @@ app.command("label", no_args_is_help=True)(label)
 app.command("eval", no_args_is_help=True)(eval_command)
 app.command("distill", no_args_is_help=True)(distill)
 app.command("finetune", no_args_is_help=True)(finetune)
+app.command("show", no_args_is_help=True)(show)
 app.add_typer(weights_app, name="weights")
 
 
