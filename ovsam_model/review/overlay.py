@@ -1,6 +1,6 @@
 """Overlay drawing with supervision's annotators: mask fill, mask outline, and a label with the
-class and score. Masks go to supervision as `CompactMask` built from the records' RLE, so a
-full-size (H, W) array exists for no more than one mask at a time.
+class and score. Masks are decoded from the records' RLE by pycocotools a few at a time
+(`MASK_CHUNK`), so memory does not grow with the number of masks of an image.
 
 Colours: by class without ground truth; with it, by match status (`STATUS_COLORS`), and the
 missed GT instances are outlined in their own colour with the label "missed <class>".
@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 
 from .match import CROWD, MATCHED, MISSED, UNMATCHED
 
+MASK_CHUNK = 16  # full-size masks decoded at once
 # RGB; the page's legend uses the same colours
 STATUS_COLORS = {MATCHED: (30, 180, 60), UNMATCHED: (230, 40, 40), CROWD: (150, 150, 150), MISSED: (255, 170, 0)}
 
@@ -57,42 +58,48 @@ def _palette(keys: Sequence[int | str]):
     return sv.ColorPalette(colors), np.asarray(lookup, dtype=np.int64)
 
 
-def _detections(shapes: Sequence[Shape], height: int, width: int):
+def _detections(shapes: Sequence[Shape], height: int, width: int, masks: Optional[np.ndarray] = None):
     import supervision as sv
-    from supervision.detection.compact_mask import CompactMask
 
     xyxy = np.asarray([_xyxy(s, height, width) for s in shapes], dtype=np.float32).reshape(-1, 4)
-    empty = {"size": [height, width], "counts": mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]["counts"]}
-    rles = [s.rle if s.rle is not None else empty for s in shapes]
-    masks = CompactMask.from_coco_rle(rles, xyxy, image_shape=(height, width))
     return sv.Detections(xyxy=xyxy, mask=masks, class_id=np.zeros(len(shapes), dtype=int))
 
 
+def _decoded(shapes: Sequence[Shape]) -> np.ndarray:
+    """The shapes' masks as a (N, H, W) bool array (pycocotools' decoder)."""
+    stacked = mask_utils.decode([dict(s.rle) for s in shapes])  # H×W×N, Fortran order
+    return np.ascontiguousarray(stacked.transpose(2, 0, 1)).view(bool)
+
+
 def draw_overlay(image: np.ndarray, shapes: Sequence[Shape], *, opacity: float = 0.45, thickness: int = 2,
-                 text_scale: Optional[float] = None) -> np.ndarray:
+                 text_scale: Optional[float] = None, chunk: int = MASK_CHUNK) -> np.ndarray:
     """`image` (H×W×3 RGB uint8) with every shape drawn: filled masks (except outline-only
-    ones), their outlines, boxes for shapes without a mask, and the labels."""
+    ones), their outlines, boxes for shapes without a mask, and the labels. Masks are decoded
+    `chunk` at a time."""
     import supervision as sv
 
     height, width = image.shape[:2]
-    scene = np.ascontiguousarray(image[:, :, ::-1])  # RGB → BGR for supervision/OpenCV
     if not shapes:
         return image.copy()
+    scene = np.ascontiguousarray(image[:, :, ::-1])  # RGB → BGR for supervision/OpenCV
     palette, lookup = _palette([s.color_key for s in shapes])
-    detections = _detections(shapes, height, width)
-    fill = np.asarray([s.rle is not None and not s.outline_only for s in shapes])
-    if fill.any():
-        sv.MaskAnnotator(color=palette, opacity=opacity).annotate(scene, detections[fill], custom_color_lookup=lookup[fill])
-    with_mask = np.asarray([s.rle is not None for s in shapes])
-    if with_mask.any():
-        sv.PolygonAnnotator(color=palette, thickness=thickness).annotate(
-            scene, detections[with_mask], custom_color_lookup=lookup[with_mask])
-    if (~with_mask).any():
+    fill, outline = sv.MaskAnnotator(color=palette, opacity=opacity), sv.PolygonAnnotator(color=palette, thickness=thickness)
+    with_mask = [i for i, s in enumerate(shapes) if s.rle is not None]
+    for start in range(0, len(with_mask), chunk):
+        part = with_mask[start: start + chunk]
+        group = [shapes[i] for i in part]
+        detections = _detections(group, height, width, _decoded(group))
+        filled = np.asarray([not s.outline_only for s in group])
+        if filled.any():
+            fill.annotate(scene, detections[filled], custom_color_lookup=lookup[part][filled])
+        outline.annotate(scene, detections, custom_color_lookup=lookup[part])
+    boxes = [i for i, s in enumerate(shapes) if s.rle is None]
+    if boxes:
         sv.BoxAnnotator(color=palette, thickness=thickness).annotate(
-            scene, detections[~with_mask], custom_color_lookup=lookup[~with_mask])
+            scene, _detections([shapes[i] for i in boxes], height, width), custom_color_lookup=lookup[boxes])
     scale = text_scale if text_scale is not None else max(0.4, min(1.2, max(height, width) / 1400))
     sv.LabelAnnotator(color=palette, text_scale=scale, text_padding=3, smart_position=True).annotate(
-        scene, detections, labels=[s.text for s in shapes], custom_color_lookup=lookup)
+        scene, _detections(shapes, height, width), labels=[s.text for s in shapes], custom_color_lookup=lookup)
     return np.ascontiguousarray(scene[:, :, ::-1])
 
 
