@@ -345,3 +345,40 @@ def test_everything_options_without_everything_and_two_sources_are_refused(mini,
     assert r.exit_code != 0 and "--points-per-side applies to --everything only" in r.output
     r = CliRunner().invoke(app, [*common, "--boxes", str(tmp_path / "b.json"), "--everything"])
     assert r.exit_code != 0 and "exactly one of --boxes, --points and --everything" in r.output
+
+
+def test_everything_output_evaluates_as_proposals_and_as_detections(cached_model, two_images, tmp_path):
+    """Class-agnostic recall equals pycocotools' COCOeval(useCats=0) on the same files, and the
+    detector protocol's AP runs unchanged on everything-mode records."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root, gt, ids, ann, out = two_images
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(json.dumps({**gt, "images": [im for im in gt["images"] if im["id"] in ids],
+                                   "annotations": [a for a in gt["annotations"] if a["image_id"] in ids]}))
+    results = [{k: v for k, v in a.items() if k not in ("id", "iscrowd")} for a in json.loads(out.read_text())["annotations"]]
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps(results))
+    r = CliRunner().invoke(app, ["eval", "--protocol", "proposals", "--ann", str(gt_file), "--pred", str(pred),
+                                 "--json", "-", "-q"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.stdout)["result"]["metrics"]
+    coco = COCO(str(gt_file))
+    agnostic = [{**{k: v for k, v in p.items() if k != "bbox"}, "category_id": 1} for p in results]
+    coco.dataset["categories"] = [{"id": 1, "name": "object"}]
+    for a in coco.dataset["annotations"]:
+        a["category_id"] = 1
+    coco.createIndex()
+    ev = COCOeval(coco, coco.loadRes(agnostic), "segm")
+    ev.params.useCats, ev.params.maxDets = 0, [1, 10, 100, 1000]
+    ev.evaluate()
+    ev.accumulate()
+    recall = ev.eval["recall"][:, :, 0, 3]  # [iou, K=1, area all, maxDets 1000]
+    assert metrics["AR@1000"] == pytest.approx(float(recall[recall > -1].mean()), abs=1e-9)
+    r = CliRunner().invoke(app, ["eval", "--dataset", "coco", "--ann", str(gt_file), "--pred", str(pred),
+                                 "--json", "-", "-q"])
+    assert r.exit_code == 0, r.output
+    detected = json.loads(r.stdout)["result"]
+    assert detected["num_predictions"] == len(results) and detected["num_images"] == len(ids)
+    assert -1.0 <= detected["metrics"]["AP"] <= 1.0
