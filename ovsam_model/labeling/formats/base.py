@@ -8,6 +8,10 @@ output.
 
 A new format is one new module in this package defining a subclass with a `name`; it is found
 by name (`get_format`) and listed in `ovsam label --format`.
+
+Folder formats (`DirectoryFormat`, e.g. a YOLO dataset) build the whole folder under a hidden
+temp name next to `out` and rename it onto `out` at the end; every file goes through
+`DirectoryFormat.path_for`, which refuses any path outside the folder.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import os
+import shutil
 import sys
-from pathlib import Path
+import tempfile
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, ClassVar, Optional, Sequence
 
 from ovsam_model.atomic import atomic_path
@@ -59,6 +66,9 @@ class OutputFormat(abc.ABC):
 
     def abort(self) -> None:
         """Drop whatever was started (the run failed); the previous output, if any, is kept."""
+
+    def check_out(self, out: Optional[Path]) -> None:
+        """Refuse (ValueError, one line) an `out` this format cannot write, before any work."""
 
     def segmentation_of(self, record: dict) -> Any:
         """The record's mask in this format's encoding (records carry compressed RLE; polygons
@@ -108,3 +118,81 @@ class JsonFileFormat(OutputFormat):
     def abort(self) -> None:
         aborted = RuntimeError("output aborted")
         self._target.__exit__(type(aborted), aborted, None)  # `atomic_path` removes the temp file
+
+
+class DirectoryFormat(OutputFormat):
+    """A format that is a folder. It is built in a hidden temp folder next to `out`
+    (`.NAME.XXXX.tmp`) and renamed onto `out` by `end`, so a crash never leaves a half-written
+    folder under the output's name. An existing `out` is replaced only when it is empty or is an
+    earlier output of this format (it holds `marker`); the old one is removed after the rename."""
+
+    marker: ClassVar[str] = ""  # a file every output of the format has, e.g. "data.yaml"
+
+    def check_out(self, out: Optional[Path]) -> None:
+        if out is None:
+            raise ValueError(f"format {self.name} writes a folder: give --out DIR (not standard output)")
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; format {self.name} writes a folder")
+        if out.is_dir() and any(out.iterdir()) and not (out / self.marker).is_file():
+            raise ValueError(f"--out {out} is a folder that is not an earlier {self.name} output (no {self.marker}); "
+                             f"choose another or remove it")
+
+    def begin(self, out: Optional[Path], categories: Sequence[dict]) -> None:
+        self.check_out(out)
+        self.out = Path(out)  # type: ignore[arg-type]
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        self.open_directory(categories)
+
+    def path_for(self, relative: PurePosixPath) -> Path:
+        """The temp folder's path for `relative` (parent folders made); ValueError if it would
+        leave the folder (a `safe_paths.safe_relative_path` never does)."""
+        from ovsam_model.io.safe_paths import inside
+
+        path = self.root / Path(*PurePosixPath(relative).parts)
+        if PurePosixPath(relative).is_absolute() or not inside(self.root, path):
+            raise ValueError(f"refusing to write {relative!s} outside the output folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @abc.abstractmethod
+    def open_directory(self, categories: Sequence[dict]) -> None:
+        """Start the folder's content in `self.root`."""
+
+    @abc.abstractmethod
+    def close_directory(self) -> None:
+        """Write the folder's last files (the marker among them)."""
+
+    def end(self) -> int:
+        self.close_directory()
+        _fsync_tree(self.root)
+        _replace_directory(self.root, self.out)
+        return self.count
+
+    def abort(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+
+
+def _replace_directory(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` onto `out`; an existing `out` is first moved aside under a
+    hidden name and removed once the new one is in place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
