@@ -73,6 +73,7 @@ class LabelJob:
     strict: bool
     quiet: bool
     model: ModelSettings = field(default_factory=ModelSettings)
+    sink: Any = None  # the output format, built (its options checked) before the model; None: `fmt`, `polygons`
 
 
 class _Progress(LabelEvents):
@@ -152,7 +153,7 @@ def _run(job: LabelJob, rank: int, world: int, device: str) -> None:
             for warning in labeler.warnings:
                 if not job.quiet:
                     err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
-        sink = get_format(job.fmt, segmentation="polygons" if job.polygons else "rle")
+        sink = job.sink or get_format(job.fmt, segmentation="polygons" if job.polygons else "rle")
         summary = labeler.run(None if job.out is None else Path(job.out), sink, resume=job.resume, rank=rank, world=world)
     finally:
         progress.stop()
@@ -266,13 +267,20 @@ def label(
     ] = LabelSource.ovsam,
     fmt: Annotated[
         OutputFormat,
-        typer.Option("--format", help="results: COCO results array (loadRes / LVISResults / FiftyOne). dataset: COCO dataset JSON (images, categories, annotations: CVAT, supervision)."),
+        typer.Option("--format", help="results: COCO results array (loadRes / LVISResults / FiftyOne). dataset: COCO dataset JSON (images, categories, annotations: CVAT, supervision). "
+                                      "yolo: ultralytics YOLO-seg dataset folder (--out DIR: labels/*.txt, data.yaml, images/ linked). labelstudio: Label Studio tasks JSON with predictions."),
     ] = "results",  # type: ignore[assignment]
     polygons: Annotated[
         bool,
         typer.Option("--polygons", help="Write polygons instead of RLE, for tools that import polygons (Label Studio, CVAT). "
-                                        "loadRes and `ovsam eval` read both; RLE is exact, polygons approximate the masks' outer contours."),
+                                        "loadRes and `ovsam eval` read both; RLE is exact, polygons approximate the masks' outer contours. "
+                                        "With --format labelstudio: polygon regions in percent instead of brush masks."),
     ] = False,
+    yolo_boxes: Annotated[bool, typer.Option("--yolo-boxes", help="With --format yolo: detection labels 'class cx cy w h' instead of polygons.")] = False,
+    ls_image_root: Annotated[
+        Optional[str],
+        typer.Option("--ls-image-root", metavar="URL", help="With --format labelstudio: prefix of the task image URLs, followed by the quoted file name (default /data/local-files/?d= , Label Studio's local-files serving)."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its part file next to --out (same inputs and options).")] = False,
     no_amp: Annotated[bool, typer.Option("--no-amp", help="Run in float32 on CUDA (default: bf16 autocast).")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding and resizing images.")] = 2,
@@ -324,9 +332,13 @@ def label(
             source = make_source(option, value, score_thr=score_thr, max_dets=max_dets)
             image_source = check_inputs(images, source, ann=ann, exif=exif.value, label_source=label_source.value,
                                         strict=strict)  # before torch is imported: mistakes show at once
+            from ovsam_cli.convert import output_format
+
+            sink = output_format(fmt.value, None if target is None else Path(target), polygons=polygons,
+                                 yolo_boxes=yolo_boxes, ls_image_root=ls_image_root, images=images, model_version=model)
             job = LabelJob(
                 source=source, images=image_source, ann=ann, out=target, label_source=label_source.value, fmt=fmt.value, polygons=polygons, resume=resume,
-                batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet,
+                batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet, sink=sink,
                 model=ModelSettings(model=model, vocab=vocab, vocab_names=vocab_names, box_batch=box_batch,
                                     amp=not no_amp, topk=topk, roi_box=roi_box.value, random_weights=random_weights,
                                     weights=weight_options(cache_dir, offline, checkpoint, clip_weights,

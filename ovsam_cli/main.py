@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from ovsam_cli.common import SIGPIPE_EXIT, err_console, exit_broken_pipe, log_handler
+from ovsam_cli.convert import convert
 from ovsam_cli.distill import distill
 from ovsam_cli.eval import eval_command
 from ovsam_cli.finetune import finetune
@@ -55,6 +56,7 @@ app.command("eval", no_args_is_help=True)(eval_command)
 app.command("distill", no_args_is_help=True)(distill)
 app.command("finetune", no_args_is_help=True)(finetune)
 app.command("show", no_args_is_help=True)(show)
+app.command("convert", no_args_is_help=True)(convert)
 app.add_typer(weights_app, name="weights")
 
 
