@@ -335,7 +335,7 @@ def test_convert_round_trip_results_dataset_results(labeled):
 
 # --- hostile file names ----------------------------------------------------------------------
 
-def test_hostile_file_names_never_leave_out(mini, tmp_path):
+def test_hostile_file_names_never_leave_out(mini, tmp_path, monkeypatch):
     root, gt, *_ = mini
     src = gt["images"][0]
     work = tmp_path / "work"
@@ -355,7 +355,8 @@ def test_hostile_file_names_never_leave_out(mini, tmp_path):
     hostile.write_text(json.dumps(data))
     snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     out = work / "out"
-    r = cli("convert", hostile, "--to", "yolo", "--out", out, "--images", images)
+    monkeypatch.chdir(work)  # a relative --images
+    r = cli("convert", hostile, "--to", "yolo", "--out", out, "--images", "images")
     assert r.exit_code == 0, r.output
     assert "not linked" in r.stderr  # the names outside --images
     written = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]

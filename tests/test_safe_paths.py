@@ -75,9 +75,12 @@ def test_many_collisions_all_distinct(tmp_path):
     assert len(list(tmp_path.iterdir())) == 15  # nothing overwritten
 
 
-def test_inside_follows_symlinks(tmp_path):
+def test_inside_follows_symlinks(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "link").symlink_to(tmp_path)
-    assert inside(out, "a/b.txt") and inside(out, out)
-    assert not inside(out, "../x") and not inside(out, "link/x") and not inside(out, Path("/etc/passwd"))
+    assert inside(out, out / "a/b.txt") and inside(out, out)
+    assert not inside(out, out / "../x") and not inside(out, out / "link/x") and not inside(out, Path("/etc/passwd"))
+    monkeypatch.chdir(tmp_path)  # relative paths are relative to the current folder, for root and path alike
+    assert inside("out", Path("out") / "a.txt") and not inside("out", Path("out") / "x/../../evil.jpg")
+    assert not inside("out", "a.txt") and inside(".", "out/a.txt")

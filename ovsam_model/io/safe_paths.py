@@ -94,12 +94,12 @@ def safe_relative_path(file_name: str, used: set[str], *, unique_stem: bool = Fa
 
 
 def inside(root: Union[str, os.PathLike], path: Union[str, os.PathLike]) -> bool:
-    """Whether `path` (relative paths are taken under `root`), with symlinks resolved, is `root`
-    or lies under it."""
+    """Whether `path`, with symlinks resolved, is `root` or lies under it. A relative `path` is
+    relative to the current directory, as everywhere in Python (not to `root`): check a name
+    with `inside(root, Path(root) / name)`."""
     base = Path(root).resolve()
-    target = Path(path) if Path(path).is_absolute() else Path(root) / path
     try:
-        target.resolve().relative_to(base)
+        Path(path).resolve().relative_to(base)
     except ValueError:
         return False
     return True

@@ -115,8 +115,9 @@ class YoloDataset(DirectoryFormat):
     def _link(self, file_name: str, relative: PurePosixPath) -> None:
         if self.images is None:
             return
-        source = self.images / file_name
-        if not (inside(self.images, source) and source.is_file()):
+        root = self.images.resolve()
+        source = root / file_name
+        if not (inside(root, source) and source.is_file()):
             self.unlinked += 1
             return
         os.symlink(source.resolve(), self.path_for(relative))
