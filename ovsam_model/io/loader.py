@@ -58,20 +58,23 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> LoadedImage:
-        record = self.images[i]
-        try:
-            decoded = read_image(record.path, exif=self.exif, expected_hw=(record.height, record.width))
-        except FileNotFoundError:
-            return LoadedImage(record, None, "file not found", SkipReason.IMAGE_UNREADABLE)
-        except ImageSizeMismatch as exc:
-            return LoadedImage(record, None, str(exc), SkipReason.IMAGE_SIZE_MISMATCH)
-        except FloatImageError as exc:
-            return LoadedImage(record, None, str(exc), SkipReason.IMAGE_UNREADABLE)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            return LoadedImage(record, None, f"cannot decode ({exc})", SkipReason.IMAGE_UNREADABLE)
-        return LoadedImage(
-            record, self.prepare(decoded.array), orientation=decoded.orientation, exif_applied=decoded.exif_applied
-        )
+        return load_image(self.images[i], self.prepare, self.exif)
+
+
+def load_image(record: ImageRecord, prepare: Callable[[np.ndarray], PreparedImage], exif: str = "auto") -> LoadedImage:
+    """`record`'s image decoded in its frame (`exif` policy) and prepared for the model, or an
+    error marker: what a DataLoader worker (`ImageDataset`) or a Ray task makes of one image."""
+    try:
+        decoded = read_image(record.path, exif=exif, expected_hw=(record.height, record.width))
+    except FileNotFoundError:
+        return LoadedImage(record, None, "file not found", SkipReason.IMAGE_UNREADABLE)
+    except ImageSizeMismatch as exc:
+        return LoadedImage(record, None, str(exc), SkipReason.IMAGE_SIZE_MISMATCH)
+    except FloatImageError as exc:
+        return LoadedImage(record, None, str(exc), SkipReason.IMAGE_UNREADABLE)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return LoadedImage(record, None, f"cannot decode ({exc})", SkipReason.IMAGE_UNREADABLE)
+    return LoadedImage(record, prepare(decoded.array), orientation=decoded.orientation, exif_applied=decoded.exif_applied)
 
 
 def make_loader(

@@ -151,27 +151,33 @@ class Labeler:
         ids = self.image_ids if image_ids is None else list(image_ids)
         todo = [self.images.get(i) for i in ids]
         todo = [r for r in todo if r is not None]
-        category_ids = list(self.predictor.category_ids)
         loader = make_loader(todo, self.source.preparer(self.predictor), batch_size=self.batch_size,
                              workers=self.workers, exif=self.exif)
         for batch in loader:
-            out: list[Optional[Entry]] = [None] * len(batch)  # in the order of `ids`
-            ready = []
-            for slot, item in enumerate(batch):
-                if item.prepared is None:
-                    self.events.image_skipped(item.record, item.error or "unreadable",
-                                              self.source.skip_count(self.prompts, item.record.id))
-                    out[slot] = skipped_entry(item.record, item.reason or "unreadable")
-                else:
-                    ready.append(slot)
-            records = self.source.label_batch(
-                self.predictor, [batch[slot].record for slot in ready], [batch[slot].prepared for slot in ready],
-                self.prompts, category_ids=category_ids, label_source=self.label_source) if ready else []
-            for slot, image_records in zip(ready, records):
-                out[slot] = labeled_entry(batch[slot].record, image_records)
-            yield from out  # type: ignore[misc]
-            self.events.batch_done(len(batch), sum(self.source.count(self.prompts, batch[slot].record.id)
-                                                   for slot in ready))
+            out = self.label_loaded(batch)
+            yield from out
+            self.events.batch_done(len(batch), sum(self.source.count(self.prompts, entry["image"]["id"])
+                                                   for entry in out if not entry.get("skipped")))
+
+    def label_loaded(self, batch: Sequence[Any]) -> list[Entry]:
+        """The entries of one batch of decoded images (`ovsam_model.io.loader.LoadedImage`s), in
+        its order: what `entries()` does with each batch of its DataLoader, and what a Ray actor
+        does with each batch it gets (`ray_runner`). See `label_loaded`."""
+        return label_loaded(self.predictor, self.source, self.prompts, batch, label_source=self.label_source,
+                            events=self.events)
+
+    def label_blocks(self, image_ids: Sequence[int]) -> Iterator[list[Entry]]:
+        """Label `image_ids` and yield the finished images in blocks, each appended to the part
+        file as one piece by `run`: here `batch_size` entries of `entries()` at a time. A runner
+        that labels elsewhere (`ray_runner.RayLabeler`) yields its blocks as they finish, in any
+        order, and emits the events itself."""
+        block: list[Entry] = []
+        for entry in self.entries(image_ids):
+            block.append(entry)
+            if len(block) >= self.batch_size:
+                yield block
+                block = []
+        yield block
 
     def run(
         self,
@@ -216,18 +222,14 @@ class Labeler:
             todo = [i for i in mine if i not in done]
             summary.resumed = len(mine) - len(todo)
             self.events.started(len(todo))
-            batch: list[Entry] = []
-            for entry in self.entries(todo):
-                batch.append(entry)
-                if entry.get("skipped"):
-                    summary.skipped[entry["skipped"]] += self.source.skip_count(self.prompts, entry["image"]["id"])
-                else:
-                    summary.images += 1
-                    summary.prompts += self.source.count(self.prompts, entry["image"]["id"])
-                if len(batch) >= self.batch_size:
-                    writer.append(batch)
-                    batch = []
-            writer.append(batch)
+            for block in self.label_blocks(todo):
+                for entry in block:
+                    if entry.get("skipped"):
+                        summary.skipped[entry["skipped"]] += self.source.skip_count(self.prompts, entry["image"]["id"])
+                    else:
+                        summary.images += 1
+                        summary.prompts += self.source.count(self.prompts, entry["image"]["id"])
+                writer.append(block)
             writer.finish(world)
         finally:
             writer.close()
@@ -248,6 +250,29 @@ class Labeler:
     def merge(self, parts_at: Path, out: Optional[Path], sink: OutputFormat) -> int:
         """Stream every finished image of this run into `sink` (see `merge_parts`)."""
         return merge_parts(parts_at, self.fingerprint, self.image_ids, out, sink, self.categories)
+
+
+def label_loaded(predictor: Any, source: PromptSource, prompts: PromptSet, batch: Sequence[Any], *,
+                 label_source: str = "ovsam", events: Optional[LabelEvents] = None) -> list[Entry]:
+    """The entries of one batch of decoded images (`LoadedImage`s: record, prepared image or the
+    error that made it unusable), in the batch's order: `source.label_batch` on the usable ones,
+    a skipped entry (and `events.image_skipped`) for the others. `prompts` needs the prompts of
+    the batch's images only. The one body of `Labeler.entries()` and of the Ray actors."""
+    events = events or LabelEvents()
+    out: list[Optional[Entry]] = [None] * len(batch)  # in the batch's order
+    ready = []
+    for slot, item in enumerate(batch):
+        if item.prepared is None:
+            events.image_skipped(item.record, item.error or "unreadable", source.skip_count(prompts, item.record.id))
+            out[slot] = skipped_entry(item.record, item.reason or "unreadable")
+        else:
+            ready.append(slot)
+    records = source.label_batch(
+        predictor, [batch[slot].record for slot in ready], [batch[slot].prepared for slot in ready], prompts,
+        category_ids=list(predictor.category_ids), label_source=label_source) if ready else []
+    for slot, image_records in zip(ready, records):
+        out[slot] = labeled_entry(batch[slot].record, image_records)
+    return out  # type: ignore[return-value]
 
 
 def merge_parts(parts_at: Path, fingerprint: str, image_ids: Sequence[int], out: Optional[Path], sink: OutputFormat,
