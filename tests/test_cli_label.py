@@ -281,7 +281,7 @@ def test_missing_image_file_is_skipped(mini, tmp_path):
         ("missing_field", "record 1: missing field 'score'"),
         ("no_images_dir", "no such directory"),
         ("ann_without_images", "has none of the images"),
-        ("both_inputs", "exactly one of --boxes and --points"),
+        ("both_inputs", "exactly one of --boxes, --points and --everything"),
         ("resume_stdout", "--resume needs --out FILE"),
         ("bad_pth", "not a readable torch file"),
         ("detector_needs_category", "missing field 'category_id'"),
