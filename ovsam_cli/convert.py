@@ -57,6 +57,19 @@ def output_format(
     return sink
 
 
+def _check_images_present(data: Any, images: Path) -> None:
+    """Every image of `data` is a file under `images` (a name leading outside it counts as missing)."""
+    from ovsam_model.io.safe_paths import inside
+
+    root = images.resolve()
+    missing = [im for im in data.images.values() if "\x00" in str(im["file_name"])
+               or not (inside(root, root / str(im["file_name"])) and (root / str(im["file_name"])).is_file())]
+    if missing:
+        more = f" ({len(missing)} images are missing)" if len(missing) > 1 else ""
+        raise CliError(f"image_id {missing[0]['id']}: {missing[0]['file_name']!r} is not under --images {images}{more}; "
+                       "--allow-missing-images converts anyway")
+
+
 def _summary(fmt: str, out: Optional[str], data: Any, sink: OutputFormat, count: int, quiet: bool) -> None:
     for note in data.notes:
         info(note, quiet)
@@ -94,6 +107,9 @@ def convert(
         "--ls-image-root", metavar="URL",
         help="labelstudio: prefix of the task image URLs, followed by the quoted file name (default "
              "/data/local-files/?d= , Label Studio's local-files serving).")] = None,
+    allow_missing_images: Annotated[bool, typer.Option(
+        "--allow-missing-images", help="With --images: convert even when some images are not under --images (they "
+                                       "are left unlinked, with a warning). Default: a missing image is an error.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert an earlier output between formats, without the model.
@@ -114,6 +130,8 @@ def convert(
         from ovsam_model.labeling.read_output import read_output
 
         data = read_output(source, ann=ann, images=images)
+        if images is not None and not allow_missing_images:
+            _check_images_present(data, images)
         sink.begin(target, data.categories)
         try:
             for entry in data.entries():

@@ -357,8 +357,10 @@ def test_hostile_file_names_never_leave_out(mini, tmp_path, monkeypatch):
     out = work / "out"
     monkeypatch.chdir(work)  # a relative --images
     r = cli("convert", hostile, "--to", "yolo", "--out", out, "--images", "images")
+    assert r.exit_code != 0 and "is not under --images" in r.stderr and not out.exists()  # names outside --images
+    r = cli("convert", hostile, "--to", "yolo", "--out", out, "--images", "images", "--allow-missing-images")
     assert r.exit_code == 0, r.output
-    assert "not linked" in r.stderr  # the names outside --images
+    assert "not linked" in r.stderr
     written = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]
     for path in written:
         assert path.absolute().is_relative_to(out.absolute()) and ".." not in path.relative_to(out).parts
@@ -409,6 +411,8 @@ def test_bad_inputs_are_one_line_errors(mini, tmp_path):
         (["convert", res, "--to", "nope", "--out", tmp_path / "o"], "Invalid value for '--to'"),
         (["convert", res, "--to", "yolo", "--out", tmp_path / "o", "--images", empty],
          f"{gt['images'][0]['id']:012d}.jpg is missing from --images"),
+        (["convert", res, "--to", "yolo", "--out", tmp_path / "o", "--images", empty, "--ann", root / "instances.json"],
+         f"'{gt['images'][0]['file_name']}' is not under --images"),
         (["convert", tmp_path / "bad.json", "--to", "dataset", "--out", tmp_path / "o.json"], "malformed JSON"),
         (["convert", tmp_path / "none.json", "--to", "dataset", "--out", tmp_path / "o.json"], "no such file"),
         (["convert", res, "--to", "dataset", "--out", tmp_path / "o.json"], "give --ann DATASET.json"),
