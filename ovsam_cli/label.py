@@ -55,6 +55,9 @@ class Exif(str, Enum):
 OutputFormat = Enum("OutputFormat", {name: name for name in format_names()}, type=str)  # every registered format
 
 
+RAY_PANEL = "On a Ray cluster (--ray)"
+
+
 @dataclass
 class LabelJob:
     """Everything one run needs (picklable: handed to one process per device)."""
@@ -74,6 +77,7 @@ class LabelJob:
     quiet: bool
     model: ModelSettings = field(default_factory=ModelSettings)
     sink: Any = None  # the output format, built (its options checked) before the model; None: `fmt`, `polygons`
+    ray: Any = None  # a `ray_runner.RaySettings`: label on Ray Data (--ray); None: here
 
 
 class _Progress(LabelEvents):
@@ -132,7 +136,7 @@ def _open(job: LabelJob, device: str, events: LabelEvents):
     try:
         return open_labeler(job.images, source=job.source, ann=job.ann, model=replace(job.model, device=device),
                             label_source=job.label_source, batch_size=job.batch_size, workers=job.workers,
-                            exif=job.exif, strict=job.strict, events=events)
+                            exif=job.exif, strict=job.strict, events=events, ray=job.ray)
     except ValueError as exc:  # an unknown vocabulary or model variant
         from ovsam_model.io.detections import InputError
 
@@ -144,12 +148,15 @@ def _open(job: LabelJob, device: str, events: LabelEvents):
 def _run(job: LabelJob, rank: int, world: int, device: str) -> None:
     from ovsam_model.labeling import get_format
 
-    progress = _Progress(show=not job.quiet and rank == 0, quiet=job.quiet or rank != 0)
+    progress = _Progress(show=not job.quiet and rank == 0 and job.ray is None,  # --ray: Ray Data draws its own
+                         quiet=job.quiet or rank != 0)
     try:
         labeler = _open(job, device, progress)
         if rank == 0:
             info(f"vocabulary: {labeler.predictor.vocabulary.name} ({len(labeler.predictor.category_ids)} classes) "
                  f"from {labeler.vocabulary_origin}", job.quiet)
+            if job.ray is not None:
+                info(f"ray: {labeler.ray_plan.describe()}", job.quiet)
             for warning in labeler.warnings:
                 if not job.quiet:
                     err_console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
@@ -182,6 +189,14 @@ def _device_list(devices: str) -> list[str]:
 def execute(job: LabelJob, device: str, devices: Optional[str]) -> None:
     """Run `job`: in this process (one rank, or one torchrun rank), or one process per device."""
     env = DistEnv.from_env()
+    if job.ray is not None:  # one driver; Ray places the model on the cluster's devices
+        if devices or env.distributed:
+            raise CliError("--ray runs one driver and places the actors itself: not with --devices or torchrun")
+        if device not in ("auto", "cpu"):
+            raise CliError(f"--device {device} with --ray: use auto or cpu (Ray gives GPUs to the actors: "
+                           f"--ray-gpus-per-actor)")
+        _run(job, 0, 1, device)
+        return
     listed = _device_list(devices) if devices else None
     if listed and len(listed) > 1 and not env.distributed:
         if job.out is None:
@@ -207,6 +222,26 @@ def _model_components(model: str) -> tuple[str, ...]:
         return resolve_spec(model).components
     except ValueError as exc:  # a ':variant' the model does not take
         raise CliError(first_line(exc)) from None
+
+
+def _ray_settings(given: dict[str, Any]) -> Any:
+    """The RaySettings of the --ray options (None without --ray or --ray-address, where the
+    others are refused by name). Imports no ray."""
+    from ovsam_model.labeling.ray_runner import RaySettings, check_settings
+
+    options = {"ray_actors": "--ray-actors", "ray_gpus_per_actor": "--ray-gpus-per-actor",
+               "ray_cpus_per_actor": "--ray-cpus-per-actor", "ray_cpus_per_decoder": "--ray-cpus-per-decoder"}
+    if not given["ray"] and given["ray_address"] is None:
+        changed = [name for key, name in options.items() if given[key] != (1.0 if key == "ray_cpus_per_decoder" else None)]
+        if changed:
+            raise CliError(f"{changed[0]} applies to --ray only")
+        return None
+    settings = RaySettings(address=given["ray_address"], actors=given["ray_actors"],
+                           gpus_per_actor=given["ray_gpus_per_actor"], cpus_per_actor=given["ray_cpus_per_actor"],
+                           cpus_per_decoder=given["ray_cpus_per_decoder"], progress=not given["quiet"],
+                           worker_logs=given["out"] not in (None, "-"))  # stdout carries the labels
+    check_settings(settings)
+    return settings
 
 
 def _stdout_is_terminal() -> bool:
@@ -298,6 +333,13 @@ def label(
     offline: OfflineOpt = False,
     checkpoint: CheckpointOpt = None,
     clip_weights: ClipWeightsOpt = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Label on Ray Data: images decoded in CPU tasks, the model in actors (one model each, on a GPU, or CPU actors where the cluster has none), "
+                                                  "each finished block written to the part file at once. Starts a local Ray instance unless --ray-address is given. The output, --resume and the summary are those of a run without Ray.", rich_help_panel=RAY_PANEL)] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDR", help="Join this Ray cluster (implies --ray): auto (the cluster this machine is part of, e.g. in a Ray job), HOST:PORT (its GCS), or ray://HOST:10001 (Ray Client).", rich_help_panel=RAY_PANEL)] = None,
+    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", help="Predictor actors (default: one per GPU of the cluster; without GPUs, one per 8 CPUs).", rich_help_panel=RAY_PANEL)] = None,
+    ray_gpus_per_actor: Annotated[Optional[float], typer.Option("--ray-gpus-per-actor", help="GPUs of each actor (default: 1 where the cluster has GPUs, else 0: CPU actors; a fraction shares a GPU).", rich_help_panel=RAY_PANEL)] = None,
+    ray_cpus_per_actor: Annotated[Optional[float], typer.Option("--ray-cpus-per-actor", help="CPUs of each actor, also its torch threads (default: 1 with GPUs; CPU actors share half the CPUs).", rich_help_panel=RAY_PANEL)] = None,
+    ray_cpus_per_decoder: Annotated[float, typer.Option("--ray-cpus-per-decoder", help="CPUs of each image decoding task.", rich_help_panel=RAY_PANEL)] = 1.0,
 ) -> None:
     """Masks and open-vocabulary labels for detector boxes (or clicks), written as COCO JSON.
 
@@ -318,6 +360,7 @@ def label(
                 raise CliError("give exactly one of --boxes and --points")
             if images is None:
                 raise CliError("--images DIR is required")
+            ray_job = _ray_settings(locals())
             target = _check_out(out, resume)
             if target is not None:
                 from ovsam_model.labeling.parts import check_not_running
@@ -338,7 +381,7 @@ def label(
                                  yolo_boxes=yolo_boxes, ls_image_root=ls_image_root, images=images, model_version=model)
             job = LabelJob(
                 source=source, images=image_source, ann=ann, out=target, label_source=label_source.value, fmt=fmt.value, polygons=polygons, resume=resume,
-                batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet, sink=sink,
+                batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet, sink=sink, ray=ray_job,
                 model=ModelSettings(model=model, vocab=vocab, vocab_names=vocab_names, box_batch=box_batch,
                                     amp=not no_amp, topk=topk, roi_box=roi_box.value, random_weights=random_weights,
                                     weights=weight_options(cache_dir, offline, checkpoint, clip_weights,

@@ -144,6 +144,7 @@ def open_labeler(
     exif: str = "auto",
     strict: bool = False,
     events: Optional[LabelEvents] = None,
+    ray: Any = None,
     **model_options: Any,
 ) -> Labeler:
     """A ready `Labeler`: prompts from `boxes` (a detector file, '-', or a list of dicts
@@ -155,7 +156,8 @@ def open_labeler(
     "ignore") chooses each image's frame. The model is `predictor` (ready), or built from `model` (a registry
     name, with `model_options` such as vocab=, device=, topk=, box_batch=, random_weights=,
     weights={...}; or a `ModelSettings`). Nothing is labeled yet: call `.run(out)` or iterate
-    `.entries()`."""
+    `.entries()`. `ray` (True, an address such as "auto" or "ray://head:10001", or a
+    `ray_runner.RaySettings`): `.run(out)` labels on Ray Data actors (`ray_runner.RayLabeler`)."""
     given = {k: v for k, v in (("boxes", boxes), ("points", points), ("everything", everything))
              if v is not None and v is not False}
     if (source is None) == (not given) or len(given) > 1:
@@ -166,6 +168,11 @@ def open_labeler(
         source = make_source(option, value, **settings_of_records)
     image_source = check_inputs(images, source, ann=ann, exif=exif, label_source=label_source, strict=strict)
     settings = model if isinstance(model, ModelSettings) else ModelSettings(model=model, **model_options)
+    if ray is not None and ray is not False:
+        from .ray_runner import open_ray_labeler
+
+        return open_ray_labeler(ray, image_source, source, settings, predictor=predictor, ann=ann,
+                                label_source=label_source, batch_size=batch_size, strict=strict, events=events)
     origin, warnings, options = "the predictor's", [], {}
     if predictor is None:
         vocabulary, origin = choose_vocabulary(settings.vocab, label_source, image_source, ann)
@@ -192,7 +199,8 @@ def label_images(
     """Label every image with prompts and write `out` (None: standard output) in `fmt`
     ("results": a COCO results array; "dataset": a COCO dataset JSON; or an `OutputFormat`,
     e.g. `get_format("results", segmentation="polygons")`). Returns the run's summary.
-    `labeler_options` are those of `open_labeler`."""
+    `labeler_options` are those of `open_labeler` (`ray=True` labels on a local Ray instance,
+    `ray="auto"` on the cluster of this machine: the same bytes)."""
     if out is not None:
         check_not_running(Path(out), rank, world)
     labeler = open_labeler(images, **labeler_options)
