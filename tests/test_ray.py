@@ -1,7 +1,7 @@
 """`ovsam label --ray`: the labeling engine driven by Ray Data gives the bytes of a run without
 Ray, survives a killed predictor actor, resumes without recomputing a finished block, and fails
-on bad inputs as a run without Ray does. One local Ray instance (2 CPUs) serves the module; the
-model is `tiny` (random weights) on real COCO images.
+on bad inputs as a run without Ray does. One local Ray instance (2 CPUs) serves the module (the
+tests that need it skip without Ray); the model is `tiny` (random weights) on real COCO images.
 
 CPU results depend on torch's thread count, so the runs without Ray that the Ray runs are
 compared with use one thread, as the actors do (`--ray-cpus-per-actor 1`)."""
@@ -24,11 +24,9 @@ from typer.testing import CliRunner
 from ovsam_model import label_images, open_labeler
 from ovsam_model.everything import EverythingSettings
 from ovsam_model.labeling.engine import LabelEvents
+from ovsam_model.labeling.ray_runner import RayLabeler, RaySettings  # imports no ray
 
 from test_cli_label import app, cached_model, mini  # noqa: F401  (fixtures: the cached tiny models, the mini-val data)
-
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
-from ovsam_model.labeling.ray_runner import RayLabeler, RaySettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own defaults
@@ -38,6 +36,7 @@ ACTOR = RaySettings(actors=1, cpus_per_actor=1, progress=False)
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for the module: 2 CPUs (one actor and one decoding task at a time)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield
     ray.shutdown()
@@ -115,6 +114,7 @@ def test_cli_ray_is_byte_identical_and_a_killed_actor_loses_nothing(local_ray, b
     (labeler, killed), = runs
     assert killed in labeler.workers and len(labeler.workers) == 2  # a restarted actor labeled the rest
     assert sum(labeler.workers.values()) == len(ids) and labeler.duplicates == 0  # each block written once
+    assert not set(labeler.decoders) & set(labeler.workers)  # decoded in CPU tasks, not in the actors
 
 
 class Interrupt(LabelEvents):

@@ -35,6 +35,7 @@ import pickle
 import socket
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 from ovsam_model.io.detections import InputError, PromptSet
@@ -59,7 +60,8 @@ class RaySettings:
     "auto" joins the cluster this machine is part of (`ray start`); "HOST:PORT" its GCS;
     "ray://HOST:PORT" through Ray Client. actors: predictor actors (default: one per GPU, or one
     per 8 CPUs without GPUs); gpus_per_actor (default 1 where the cluster has GPUs, else 0: CPU
-    actors); cpus_per_actor (default 1 with GPUs; without, half the CPUs shared by the actors);
+    actors); cpus_per_actor (default 1 with GPUs, less where CPUs are fewer; without GPUs, half the
+    CPUs shared by the actors; also the actor's torch threads);
     cpus_per_decoder: CPUs of each image decoding task. progress: Ray Data's progress (bars on a
     terminal, log lines otherwise). worker_logs: the workers' output printed here (Ray's
     `log_to_driver`; `ovsam label` turns it off when the labels go to standard output).
@@ -172,7 +174,8 @@ def plan(settings: RaySettings, resources: dict[str, float], *, device: str = "a
         gpus_per_actor = 1.0 if gpus >= 1 and device != "cpu" else 0.0
     if gpus_per_actor:
         actors = settings.actors or max(1, int(gpus // gpus_per_actor))
-        cpus_per_actor = 1.0 if settings.cpus_per_actor is None else settings.cpus_per_actor
+        cpus_per_actor = settings.cpus_per_actor if settings.cpus_per_actor is not None else \
+            min(1.0, max(0.25, (cpus - settings.cpus_per_decoder) / actors))  # a fraction where CPUs are few
     else:
         actors = settings.actors or max(1, int(cpus // 8))
         cpus_per_actor = settings.cpus_per_actor if settings.cpus_per_actor is not None else \
@@ -208,8 +211,9 @@ class RayLabeler(Labeler):
     `predictor` gives the vocabulary and the fingerprint; the actors build their own from
     `model` and `vocabulary` (or unpickle `predictor_ref`, a predictor put in the object store).
 
-    After a run: `workers` counts the blocks each actor process (pid) labeled, and `duplicates`
-    the images that arrived twice and were written once.
+    After a run: `workers` counts the blocks each actor process (pid) labeled, `decoders` those
+    each decoding worker decoded, and `duplicates` the images that arrived twice and were
+    written once.
     """
 
     def __init__(self, predictor: Any, images: Any, source: Any, *, ray_plan: Plan, ray_settings: RaySettings,
@@ -223,6 +227,7 @@ class RayLabeler(Labeler):
         self.predictor_ref = predictor_ref
         self.started_ray = started
         self.workers: Counter = Counter()
+        self.decoders: Counter = Counter()
         self.duplicates = 0
 
     def run(self, out: Any, fmt: Any = "results", *, resume: bool = False, rank: int = 0, world: int = 1) -> Any:
@@ -254,14 +259,16 @@ class RayLabeler(Labeler):
 
     def dataset(self, image_ids: Sequence[int]) -> Any:
         """The Ray Data pipeline labeling `image_ids`: rows of {block, entries (JSON), skipped
-        (JSON [[image_id, message], ...]), pid}, one per batch."""
+        (JSON [[image_id, message], ...]), pid (of the actor), decoder (pid)}, one per batch."""
         import ray
 
         rows = self._rows(image_ids)
         p = self.ray_plan
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_INPUT_BLOCKS)))
+        # a ray_remote_args_fn keeps Ray Data from fusing the decoding into the actors: it stays in
+        # CPU tasks of its own, overlapped with the model
         ds = ds.map(_decode_row, fn_kwargs={"prepare": self.source.preparer(self.predictor), "exif": self.exif},
-                    num_cpus=p.cpus_per_decoder)
+                    num_cpus=p.cpus_per_decoder, ray_remote_args_fn=partial(dict, num_cpus=p.cpus_per_decoder))
         actor_args = {"model": None if self.model_settings is None else replace(self.model_settings, device=p.device),
                       "vocabulary": self.vocabulary, "predictor_ref": self.predictor_ref,
                       "source": _lean_source(self.source), "label_source": self.label_source,
@@ -269,7 +276,8 @@ class RayLabeler(Labeler):
         # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts and
         # max_task_retries -1 by default): a killed or preempted actor costs its batches in flight
         return ds.map_batches(PredictorActor, fn_constructor_kwargs=actor_args, batch_size=1, batch_format="numpy",
-                              concurrency=p.actors, num_gpus=p.gpus_per_actor or None, num_cpus=p.cpus_per_actor)
+                              compute=ray.data.ActorPoolStrategy(size=p.actors), num_gpus=p.gpus_per_actor or None,
+                              num_cpus=p.cpus_per_actor)
 
     def label_blocks(self, image_ids: Sequence[int]) -> Iterator[list[Entry]]:
         """The blocks of `image_ids` as the actors finish them (any order), with the engine's
@@ -292,6 +300,7 @@ class RayLabeler(Labeler):
                 if not block:
                     continue
                 self.workers[int(row["pid"])] += 1
+                self.decoders[int(row["decoder"])] += 1
                 fresh = {entry["image"]["id"] for entry in block}
                 seen |= fresh
                 for image_id, message in json.loads(row["skipped"]):
@@ -332,7 +341,8 @@ def _decode_row(row: dict, *, prepare: Any, exif: str) -> dict:
 
     task = pickle.loads(row["task"])
     loaded = [load_image(record, prepare, exif) for record, _ in task]
-    return {"block": row["block"], "task": row["task"], "loaded": pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL)}
+    return {"block": row["block"], "task": row["task"], "loaded": pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL),
+            "decoder": os.getpid()}
 
 
 class _Skips(LabelEvents):
@@ -365,8 +375,8 @@ class PredictorActor:
         self.pid = os.getpid()
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"block": [], "entries": [], "skipped": [], "pid": []}
-        for block, task, loaded in zip(batch["block"], batch["task"], batch["loaded"]):
+        out: dict[str, list] = {"block": [], "entries": [], "skipped": [], "pid": [], "decoder": []}
+        for block, task, loaded, decoder in zip(batch["block"], batch["task"], batch["loaded"], batch["decoder"]):
             images = pickle.loads(task)
             prompts = PromptSet(by_image={record.id: kept for record, kept in images if kept})
             events = _Skips()
@@ -376,6 +386,7 @@ class PredictorActor:
             out["entries"].append(json.dumps(entries, separators=(",", ":"), ensure_ascii=False))
             out["skipped"].append(json.dumps(events.skipped))
             out["pid"].append(self.pid)
+            out["decoder"].append(int(decoder))
         return out
 
 
