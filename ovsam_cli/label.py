@@ -55,6 +55,9 @@ class Exif(str, Enum):
 OutputFormat = Enum("OutputFormat", {name: name for name in format_names()}, type=str)  # every registered format
 
 
+EVERYTHING_PANEL = "Segment everything (--everything)"
+
+
 RAY_PANEL = "On a Ray cluster (--ray)"
 
 
@@ -224,6 +227,28 @@ def _model_components(model: str) -> tuple[str, ...]:
         raise CliError(first_line(exc)) from None
 
 
+def _everything_settings(given: dict[str, Any]) -> Any:
+    """The EverythingSettings of the --everything options (None without --everything, where
+    they must keep their defaults); a bad value is a one-line error naming the option."""
+    from dataclasses import fields
+
+    from ovsam_model.everything import EverythingSettings, option_name
+
+    values = {f.name: given[f.name] for f in fields(EverythingSettings) if f.name in given}
+    values["drop_background"] = not given["keep_background"]
+    settings = EverythingSettings(**values)
+    if not given["everything"]:
+        changed = [f.name for f in fields(EverythingSettings) if getattr(settings, f.name) != f.default]
+        if changed:
+            name = "--keep-background" if changed[0] == "drop_background" else option_name(changed[0])
+            raise CliError(f"{name} applies to --everything only")
+        return None
+    problems = settings.problems()
+    if problems:
+        raise CliError(problems[0])
+    return settings
+
+
 def _ray_settings(given: dict[str, Any]) -> Any:
     """The RaySettings of the --ray options (None without --ray or --ray-address, where the
     others are refused by name). Imports no ray."""
@@ -271,6 +296,12 @@ def label(
         Optional[str],
         typer.Option("--points", help="Clicks instead of boxes: records with image_id, points (a list of x,y pairs) and labels (1 positive, 0 negative per point), JSON or JSON Lines."),
     ] = None,
+    everything: Annotated[
+        bool,
+        typer.Option("--everything", help="No prompts needed: segment every image of --images (or of --ann) from a grid of clicks and name every mask. "
+                                          "Records add stability_score and point_coords; score = stability × label probability.",
+                     rich_help_panel=EVERYTHING_PANEL),
+    ] = False,
     images: Annotated[Optional[Path], typer.Option("--images", help="Folder of the images.")] = None,
     ann: Annotated[
         Optional[Path],
@@ -328,6 +359,19 @@ def label(
     ] = Exif.auto,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse the whole prompt file at its first malformed record (default: skip, count and name such records).")] = False,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Build the model with random weights (no download): for timing only, the labels are meaningless.")] = False,
+    points_per_side: Annotated[int, typer.Option("--points-per-side", help="Clicks per side of the grid (the whole image; crop layers scale it down by --crop-n-points-downscale-factor).", rich_help_panel=EVERYTHING_PANEL)] = 32,
+    points_per_batch: Annotated[int, typer.Option("--points-per-batch", help="Clicks decoded at once: bounds memory, not results.", rich_help_panel=EVERYTHING_PANEL)] = 64,
+    crop_n_layers: Annotated[int, typer.Option("--crop-n-layers", help="Crop layers on top of the whole image: layer i runs the grid again on 4^i overlapping crops (finds small objects; slower).", rich_help_panel=EVERYTHING_PANEL)] = 0,
+    crop_overlap_ratio: Annotated[float, typer.Option("--crop-overlap-ratio", help="Overlap of neighbouring crops, as a fraction of the crop size on layer 1.", rich_help_panel=EVERYTHING_PANEL)] = 512 / 1500,
+    crop_n_points_downscale_factor: Annotated[int, typer.Option("--crop-n-points-downscale-factor", help="Layer i's grid has --points-per-side / factor^i clicks per side.", rich_help_panel=EVERYTHING_PANEL)] = 1,
+    stability_score_thresh: Annotated[float, typer.Option("--stability-score-thresh", help="Keep masks whose stability (IoU of the mask thresholded at ±offset) is at least this, in [0, 1].", rich_help_panel=EVERYTHING_PANEL)] = 0.95,
+    stability_score_offset: Annotated[float, typer.Option("--stability-score-offset", help="Logit offset of the stability score.", rich_help_panel=EVERYTHING_PANEL)] = 1.0,
+    min_label_prob: Annotated[float, typer.Option("--min-label-prob", help="Drop masks whose best label has a lower probability, in [0, 1].", rich_help_panel=EVERYTHING_PANEL)] = 0.0,
+    keep_background: Annotated[bool, typer.Option("--keep-background", help="Keep masks the model calls background (default: drop them); e.g. for class-agnostic proposals.", rich_help_panel=EVERYTHING_PANEL)] = False,
+    box_nms_thresh: Annotated[float, typer.Option("--box-nms-thresh", help="Box IoU above which the lower-scoring of two masks of one crop is dropped, in [0, 1].", rich_help_panel=EVERYTHING_PANEL)] = 0.7,
+    crop_nms_thresh: Annotated[float, typer.Option("--crop-nms-thresh", help="Box IoU above which duplicates from different crops are dropped (the smaller crop's mask wins), in [0, 1].", rich_help_panel=EVERYTHING_PANEL)] = 0.7,
+    min_mask_region_area: Annotated[int, typer.Option("--min-mask-region-area", help="Fill holes and drop islands smaller than this many pixels (0: off; needs OpenCV).", rich_help_panel=EVERYTHING_PANEL)] = 0,
+    max_masks: Annotated[int, typer.Option("--max-masks", help="Masks kept per image, best score first (0: all).", rich_help_panel=EVERYTHING_PANEL)] = 1000,
     quiet: QuietOpt = False,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
@@ -341,9 +385,11 @@ def label(
     ray_cpus_per_actor: Annotated[Optional[float], typer.Option("--ray-cpus-per-actor", help="CPUs of each actor, also its torch threads (default: 1 with GPUs; CPU actors share half the CPUs).", rich_help_panel=RAY_PANEL)] = None,
     ray_cpus_per_decoder: Annotated[float, typer.Option("--ray-cpus-per-decoder", help="CPUs of each image decoding task.", rich_help_panel=RAY_PANEL)] = 1.0,
 ) -> None:
-    """Masks and open-vocabulary labels for detector boxes (or clicks), written as COCO JSON.
+    """Masks and open-vocabulary labels for detector boxes, clicks, or everything in the image, written as COCO JSON.
 
-    The prompts come from --boxes (a detector's output) or --points (clicks), the pictures from --images; --ann gives the file names, sizes and categories of a COCO or LVIS dataset.
+    The prompts come from --boxes (a detector's output), --points (clicks) or --everything (a grid of clicks on every image, no detector needed), the pictures from --images; --ann gives the file names, sizes and categories of a COCO or LVIS dataset (without it, --everything labels every image file of the folder, ids from numeric names or 1, 2, ... in path order).
+
+    --everything follows segment-anything's automatic mask generator (its grid, crops, stability score and NMS), with one mask per click, only stable masks classified, masks the model calls background dropped, and score = stability × label probability.
 
     Each output record has image_id, category_id, score, bbox (XYWH of the mask), segmentation (compressed RLE at the image size), detector_score, detector_category_id and topk (the best vocabulary labels with their probabilities).
 
@@ -355,9 +401,11 @@ def label(
     """
     try:
         with user_errors():
-            given = {k: v for k, v in (("boxes", boxes), ("points", points)) if v is not None}
+            everything_settings = _everything_settings(locals())
+            given = {k: v for k, v in (("boxes", boxes), ("points", points), ("everything", everything_settings))
+                     if v is not None}
             if len(given) != 1:
-                raise CliError("give exactly one of --boxes and --points")
+                raise CliError("give exactly one of --boxes, --points and --everything")
             if images is None:
                 raise CliError("--images DIR is required")
             ray_job = _ray_settings(locals())
@@ -372,7 +420,8 @@ def label(
             from ovsam_model.labeling import check_inputs, make_source
 
             (option, value), = given.items()
-            source = make_source(option, value, score_thr=score_thr, max_dets=max_dets)
+            source = make_source(option, value) if everything else make_source(option, value, score_thr=score_thr,
+                                                                                 max_dets=max_dets)
             image_source = check_inputs(images, source, ann=ann, exif=exif.value, label_source=label_source.value,
                                         strict=strict)  # before torch is imported: mistakes show at once
             from ovsam_cli.convert import output_format
