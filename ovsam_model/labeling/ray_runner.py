@@ -33,6 +33,7 @@ import logging
 import os
 import pickle
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import partial
@@ -212,8 +213,11 @@ class RayLabeler(Labeler):
     `model` and `vocabulary` (or unpickle `predictor_ref`, a predictor put in the object store).
 
     After a run: `workers` counts the blocks each actor process (pid) labeled, `decoders` those
-    each decoding worker decoded, and `duplicates` the images that arrived twice and were
-    written once.
+    each decoding worker decoded, `duplicates` the images that arrived twice and were written
+    once, and `seconds` the time of the engine's work in the actors ("label"), of the actors'
+    calls ("actor call": plus unpickling the rows, JSON of the entries), of pickling the decoded
+    images ("decoder pickle") and of reading the entries back here ("driver"): what Ray costs on
+    top of the labeling itself.
     """
 
     def __init__(self, predictor: Any, images: Any, source: Any, *, ray_plan: Plan, ray_settings: RaySettings,
@@ -228,6 +232,7 @@ class RayLabeler(Labeler):
         self.started_ray = started
         self.workers: Counter = Counter()
         self.decoders: Counter = Counter()
+        self.seconds: Counter = Counter()
         self.duplicates = 0
 
     def run(self, out: Any, fmt: Any = "results", *, resume: bool = False, rank: int = 0, world: int = 1) -> Any:
@@ -294,7 +299,12 @@ class RayLabeler(Labeler):
         rows = self.dataset(image_ids).iter_rows()
         try:
             for row in _one_line_failures(rows):
+                parsing = time.perf_counter()
                 arrived = json.loads(row["entries"])
+                self.seconds["driver"] += time.perf_counter() - parsing
+                self.seconds["label"] += float(row["label_s"])
+                self.seconds["actor call"] += float(row["call_s"])
+                self.seconds["decoder pickle"] += float(row["pickle_s"])
                 block = [entry for entry in arrived if entry["image"]["id"] not in seen]
                 self.duplicates += len(arrived) - len(block)
                 if not block:
@@ -341,8 +351,10 @@ def _decode_row(row: dict, *, prepare: Any, exif: str) -> dict:
 
     task = pickle.loads(row["task"])
     loaded = [load_image(record, prepare, exif) for record, _ in task]
-    return {"block": row["block"], "task": row["task"], "loaded": pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL),
-            "decoder": os.getpid()}
+    started = time.perf_counter()
+    payload = pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL)
+    return {"block": row["block"], "task": row["task"], "loaded": payload, "decoder": os.getpid(),
+            "pickle_s": time.perf_counter() - started}
 
 
 class _Skips(LabelEvents):
@@ -375,18 +387,27 @@ class PredictorActor:
         self.pid = os.getpid()
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"block": [], "entries": [], "skipped": [], "pid": [], "decoder": []}
-        for block, task, loaded, decoder in zip(batch["block"], batch["task"], batch["loaded"], batch["decoder"]):
+        out: dict[str, list] = {"block": [], "entries": [], "skipped": [], "pid": [], "decoder": [], "label_s": [],
+                                "call_s": [], "pickle_s": []}
+        for block, task, loaded, decoder, pickled in zip(batch["block"], batch["task"], batch["loaded"],
+                                                         batch["decoder"], batch["pickle_s"]):
+            called = time.perf_counter()
             images = pickle.loads(task)
             prompts = PromptSet(by_image={record.id: kept for record, kept in images if kept})
             events = _Skips()
-            entries = label_loaded(self.predictor, self.source, prompts, pickle.loads(loaded),
+            batch_of_loaded = pickle.loads(loaded)
+            started = time.perf_counter()
+            entries = label_loaded(self.predictor, self.source, prompts, batch_of_loaded,
                                    label_source=self.label_source, events=events)
+            labeled = time.perf_counter()
             out["block"].append(int(block))
             out["entries"].append(json.dumps(entries, separators=(",", ":"), ensure_ascii=False))
             out["skipped"].append(json.dumps(events.skipped))
             out["pid"].append(self.pid)
             out["decoder"].append(int(decoder))
+            out["label_s"].append(labeled - started)  # the engine's work
+            out["call_s"].append(time.perf_counter() - called)  # and what Ray's rows cost here on top
+            out["pickle_s"].append(float(pickled))  # and in the decoding task
         return out
 
 
