@@ -36,7 +36,6 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 from ovsam_model.io.detections import InputError, PromptSet
@@ -270,10 +269,10 @@ class RayLabeler(Labeler):
         rows = self._rows(image_ids)
         p = self.ray_plan
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), MAX_INPUT_BLOCKS)))
-        # a ray_remote_args_fn keeps Ray Data from fusing the decoding into the actors: it stays in
-        # CPU tasks of its own, overlapped with the model
-        ds = ds.map(_decode_row, fn_kwargs={"prepare": self.source.preparer(self.predictor), "exif": self.exif},
-                    num_cpus=p.cpus_per_decoder, ray_remote_args_fn=partial(dict, num_cpus=p.cpus_per_decoder))
+        # a flat_map (it may change the number of rows) is not fused into a map_batches with a batch
+        # size, as a map would be: the decoding stays in CPU tasks of its own, overlapped with the model
+        ds = ds.flat_map(_decode_row, fn_kwargs={"prepare": self.source.preparer(self.predictor), "exif": self.exif},
+                         num_cpus=p.cpus_per_decoder)
         actor_args = {"model": None if self.model_settings is None else replace(self.model_settings, device=p.device),
                       "vocabulary": self.vocabulary, "predictor_ref": self.predictor_ref,
                       "source": _lean_source(self.source), "label_source": self.label_source,
@@ -345,7 +344,7 @@ def _one_line_failures(rows: Iterator[dict]) -> Iterator[dict]:
                          f"blocks are kept, rerun with --resume") from exc
 
 
-def _decode_row(row: dict, *, prepare: Any, exif: str) -> dict:
+def _decode_row(row: dict, *, prepare: Any, exif: str) -> list[dict]:
     """Decode and prepare the images of one batch (a Ray Data map task on a CPU worker)."""
     from ovsam_model.io.loader import load_image
 
@@ -353,8 +352,8 @@ def _decode_row(row: dict, *, prepare: Any, exif: str) -> dict:
     loaded = [load_image(record, prepare, exif) for record, _ in task]
     started = time.perf_counter()
     payload = pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL)
-    return {"block": row["block"], "task": row["task"], "loaded": payload, "decoder": os.getpid(),
-            "pickle_s": time.perf_counter() - started}
+    return [{"block": row["block"], "task": row["task"], "loaded": payload, "decoder": os.getpid(),
+             "pickle_s": time.perf_counter() - started}]
 
 
 class _Skips(LabelEvents):
