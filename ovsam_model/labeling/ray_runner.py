@@ -211,6 +211,8 @@ class RayLabeler(Labeler):
     `predictor` gives the vocabulary and the fingerprint; the actors build their own from
     `model` and `vocabulary` (or unpickle `predictor_ref`, a predictor put in the object store).
 
+    `entries()` still labels in this process, with the driver's CPU copy of the model.
+
     After a run: `workers` counts the blocks each actor process (pid) labeled, `decoders` those
     each decoding worker decoded, `duplicates` the images that arrived twice and were written
     once, and `seconds` the time of the engine's work in the actors ("label"), of the actors'
@@ -340,7 +342,7 @@ def _one_line_failures(rows: Iterator[dict]) -> Iterator[dict]:
                 break
             cause = inner
         text = str(cause).strip().splitlines()
-        raise InputError(f"labeling on Ray failed: {type(cause).__name__}: {text[-1] if text else ''}; the finished "
+        raise InputError(f"labeling on Ray failed: {type(cause).__name__}: {text[0] if text else ''}; the finished "
                          f"blocks are kept, rerun with --resume") from exc
 
 
