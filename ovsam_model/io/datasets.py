@@ -12,7 +12,6 @@ the frame the images will be decoded in: with the EXIF orientation applied (poli
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,7 @@ from PIL import Image
 
 from ovsam_model.io.detections import InputError, SkipReason
 from ovsam_model.io.images import check_exif_policy, read_header
+from ovsam_model.io.json_files import read_json
 
 
 # What a folder listing counts as an image (PIL opens more, but these are what datasets hold).
@@ -140,14 +140,7 @@ def load_image_source(images_dir: Path, ann: Optional[Path] = None, exif: str = 
         raise InputError(f"--images {images_dir}: no such directory")
     if ann is None:
         return ImageSource(root=images_dir, exif=exif)
-    try:
-        data = json.loads(Path(ann).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"--ann {ann}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--ann {ann}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--ann {ann}: cannot read ({exc})") from None
+    data = read_json(ann, f"--ann {ann}")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
         raise InputError(f"--ann {ann}: not a COCO/LVIS dataset JSON (needs 'images' and 'categories' lists)")
     source = ImageSource(root=images_dir, categories=[], kind="coco", exif=exif)

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from ovsam_model.io.datasets import ImageSource, lvis_file_name
 from ovsam_model.io.detections import InputError
+from ovsam_model.io.json_files import parse_json, read_text
 
 from .records import Entry, ImageInfo
 
@@ -85,14 +86,7 @@ def read_output(path: PathLike, ann: Optional[PathLike] = None, images: Optional
 # --- reading files ---------------------------------------------------------------------------
 
 def _load_json(path: PathLike, name: str) -> Any:
-    try:
-        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: a folder, not a JSON file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{name}: cannot read ({exc})") from None
+    text = sys.stdin.read() if str(path) == "-" else read_text(path, name)
     if not text.strip():
         raise InputError(f"{name}: empty file")
     try:
@@ -100,7 +94,7 @@ def _load_json(path: PathLike, name: str) -> Any:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             return _json_lines(text, name)
-        raise InputError(f"{name}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    return parse_json(text, name)  # raises the one-line message
 
 
 def _json_lines(text: str, name: str) -> list:

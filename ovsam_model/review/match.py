@@ -9,7 +9,6 @@ IoU is pycocotools' `mask.iou` on RLE (masks), or on boxes for a prediction with
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ovsam_model.io.detections import InputError
+from ovsam_model.io.json_files import read_json
 
 MATCHED, UNMATCHED, CROWD, MISSED = "matched", "unmatched", "crowd", "missed"
 
@@ -53,14 +53,7 @@ class GroundTruth:
 def load_ground_truth(path: Path) -> GroundTruth:
     """Read `--gt`: a dataset JSON with images, annotations and categories (InputError otherwise)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"--gt {path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--gt {path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--gt {path}: cannot read ({exc})") from None
+    data = read_json(path, f"--gt {path}")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise InputError(f"--gt {path}: not a COCO/LVIS dataset JSON (needs 'images', 'annotations' and 'categories' lists)")
     try:
