@@ -127,7 +127,7 @@ def _summary(summary, world: int) -> None:
          + (f" on {world} ranks (counts of rank 0)" if world > 1 else "")
          + f" in {summary.elapsed:.1f} s ({rate:.2f} images/s)")
     if summary.skipped:
-        info(f"skipped {sum(summary.skipped.values())} of {summary.total} records: " + "; ".join(summary.skip_lines()))
+        info(f"skipped {sum(summary.skipped.values())} of {summary.total} {summary.unit}: " + "; ".join(summary.skip_lines()))
     if summary.clipped:
         info(f"clipped {summary.clipped} boxes partly outside their image")
 

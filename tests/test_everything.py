@@ -382,3 +382,20 @@ def test_everything_output_evaluates_as_proposals_and_as_detections(cached_model
     detected = json.loads(r.stdout)["result"]
     assert detected["num_predictions"] == len(results) and detected["num_images"] == len(ids)
     assert -1.0 <= detected["metrics"]["AP"] <= 1.0
+
+
+def test_a_folder_without_images_is_a_one_line_error_and_skips_count_images(mini, tmp_path):
+    root, gt, ids, _ = mini
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    r = label("--images", empty, "--out", tmp_path / "o.json")
+    assert r.exit_code != 0 and "--everything found no images to label" in r.output
+    assert not (tmp_path / "o.json").exists()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "1.jpg").write_bytes((root / "images" / f"{ids[0]:012d}.jpg").read_bytes())
+    (folder / "2.jpg").write_bytes(b"not a jpeg")
+    r = label("--images", folder, "--out", tmp_path / "o.json")
+    assert r.exit_code == 0, r.output
+    assert "skipped 1 of 2 images: image file missing or corrupt: 1 (image_id 2)" in r.output

@@ -52,7 +52,8 @@ class LabelSummary:
     prompts: int = 0  # prompts labeled by this run
     records: Optional[int] = None  # records in the output (rank 0, after the merge)
     resumed: int = 0  # images found done in the part files
-    total: int = 0  # input records
+    total: int = 0  # input records (of `unit`)
+    unit: str = "records"  # what `total` and `skipped` count: the source's `unit`
     clipped: int = 0  # boxes clipped to their image
     skipped: Counter = field(default_factory=Counter)  # reason → dropped records
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason → the first few, named
@@ -207,7 +208,7 @@ class Labeler:
 
     def _run_into(self, parts_at: Path, out: Optional[Path], sink: OutputFormat, resume: bool, rank: int,
                   world: int) -> LabelSummary:
-        summary = LabelSummary(total=self.prompts.total, clipped=self.prompts.clipped,
+        summary = LabelSummary(total=self.prompts.total, unit=self.source.unit, clipped=self.prompts.clipped,
                                skipped=Counter(self.prompts.skipped), examples=dict(self.prompts.examples),
                                world=world, out=out)
         mine = self.image_ids[rank::world]

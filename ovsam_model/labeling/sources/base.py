@@ -51,6 +51,7 @@ class PromptSource(abc.ABC):
     """Per-image prompts for a labeling run."""
 
     option: ClassVar[str] = ""
+    unit: ClassVar[str] = "records"  # what the input is made of, in the summary ("skipped 3 of 40 records")
     registry: ClassVar[dict[str, type["PromptSource"]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -21,6 +21,7 @@ class EverythingSource(PromptSource):
     `settings` is one, True for the defaults, or a dict of its fields)."""
 
     option = "everything"
+    unit = "images"
 
     def __init__(self, settings: Union[bool, dict, Any] = True) -> None:
         from ovsam_model.everything import EverythingSettings
@@ -48,6 +49,9 @@ class EverythingSource(PromptSource):
     def load(self, ctx: SourceContext) -> PromptSet:
         self.read(strict=ctx.strict, require_category=ctx.require_category)
         ids = ctx.all_image_ids()
+        if not ids:
+            raise InputError("--everything found no images to label: --images has no image files (.jpg, .png, ...) "
+                             "and --ann lists none")
         prompts = PromptSet(total=len(ids), image_ids=set(ids))
         for image_id in ids:
             if ctx.image_size(image_id) is None:
