@@ -111,6 +111,16 @@ def vocabulary_warnings(predictor: Any, vocab: Optional[str], images: ImageSourc
             f"classes (e.g. {', '.join(bad[:3])}); output category ids follow --vocab"]
 
 
+def build_for_run(settings: ModelSettings, label_source: str, images: ImageSource, ann: Optional[PathLike], *,
+                  load_as: Optional[ModelSettings] = None) -> tuple[Any, Any, str, list[str]]:
+    """(predictor, vocabulary, where the vocabulary comes from, warnings) for a run: the
+    vocabulary `choose_vocabulary` picks, the predictor of `load_as` (default `settings`) with it,
+    and `vocabulary_warnings`."""
+    vocabulary, origin = choose_vocabulary(settings.vocab, label_source, images, ann)
+    predictor = load_predictor(load_as or settings, vocabulary)
+    return predictor, vocabulary, origin, vocabulary_warnings(predictor, settings.vocab, images)
+
+
 def check_inputs(images: Union[PathLike, ImageSource], source: PromptSource, *, ann: Optional[PathLike] = None,
                  exif: str = "auto", label_source: str = "ovsam", strict: bool = False) -> ImageSource:
     """Everything that can be checked without a model (no torch import): the images folder, the
@@ -175,9 +185,7 @@ def open_labeler(
                                 label_source=label_source, batch_size=batch_size, strict=strict, events=events)
     origin, warnings, options = "the predictor's", [], {}
     if predictor is None:
-        vocabulary, origin = choose_vocabulary(settings.vocab, label_source, image_source, ann)
-        predictor = load_predictor(settings, vocabulary)
-        warnings = vocabulary_warnings(predictor, settings.vocab, image_source)
+        predictor, _, origin, warnings = build_for_run(settings, label_source, image_source, ann)
         options = settings.options()
     labeler = Labeler(predictor, image_source, source, label_source=label_source, batch_size=batch_size,
                       workers=workers, strict=strict, options=options, events=events)

@@ -431,9 +431,8 @@ def open_ray_labeler(ray: Union[bool, str, RaySettings], images: Any, source: An
         ray_plan = plan(chosen, ray_module.cluster_resources(), device=settings.device, strict=strict_plan)
         vocabulary, origin, warnings, options, predictor_ref = None, "the predictor's", [], {}, None
         if predictor is None:
-            vocabulary, origin = api.choose_vocabulary(settings.vocab, label_source, images, ann)
-            predictor = api.load_predictor(replace(settings, device="cpu"), vocabulary)
-            warnings = api.vocabulary_warnings(predictor, settings.vocab, images)
+            predictor, vocabulary, origin, warnings = api.build_for_run(settings, label_source, images, ann,
+                                                                        load_as=replace(settings, device="cpu"))
             options = replace(settings, device=ray_plan.device).options()
         else:
             predictor_ref = ray_module.put(predictor)
