@@ -1,6 +1,6 @@
-"""Atomic file writes: a temp file in the target folder, fsync'd, then renamed into place.
+"""Atomic writes: a temp file (or folder) next to the target, then renamed into place.
 
-A crash leaves either the old file or the new one, never a half-written file that looks complete.
+A crash leaves either the old output or the new one, never a half-written one that looks complete.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +33,29 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def make_temp_directory(out: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """A new hidden folder next to `out` (`.NAME.XXXX.tmp`) to build a folder output in."""
+    out = Path(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
+
+
+def replace_directory(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished folder `tmp` (from `make_temp_directory`) onto `out`, with the usual
+    permissions; an existing `out` is first moved aside under a hidden name and removed once the
+    new one is in place."""
+    tmp, out = Path(tmp), Path(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = make_temp_directory(out, suffix=".old")
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -160,7 +160,7 @@ def test_every_image_has_an_overlay_thumbnail_and_page_and_the_set_is_paged(buil
             assert max(im.size) <= 320
         assert f'src="../overlays/{stem}.jpg"' in page.read_text()
     assert json.loads((out / MARKER).read_text())["images"] == len(images)
-    assert not list(out.parent.glob(".review.partial-*"))
+    assert not list(out.parent.glob(".review.*"))
 
 
 def test_overlays_fill_the_masks(built, dataset, mini, predictions):
@@ -483,7 +483,7 @@ def test_bad_inputs_are_one_line_errors(small):
     (d / "mine" / "notes.txt").write_text("keep me")
     _one_line_error(run("--pred", small["pred"], *args, "--out", d / "mine"), "did not write")
     assert (d / "mine" / "notes.txt").read_text() == "keep me"
-    assert not (d / "r").exists() and not list(d.glob(".r.partial-*"))
+    assert not (d / "r").exists() and not list(d.glob(".r.*"))
 
 
 def test_a_mistake_is_reported_before_torch_is_imported(small):

@@ -1,6 +1,6 @@
 """Build a review folder from a labeling output: `build_review(pred, images, out, ...)`.
 
-The folder is built in a hidden temp folder next to `out` (`.NAME.partial-XXXX`) and renamed
+The folder is built in a hidden temp folder next to `out` (`.NAME.XXXX.partial`) and renamed
 onto `out` when complete, so an interrupted run leaves nothing that looks like a review: a
 previous review folder at `out` (it has `ovsam-review.json`) is replaced at the end; any other
 non-empty folder is refused. Every written path comes from `safe_relative_path` and is checked
@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from ovsam_model.atomic import make_temp_directory, replace_directory
 from ovsam_model.io.detections import InputError
 from ovsam_model.io.images import check_exif_policy
 
@@ -108,19 +108,6 @@ def check_out(out: PathLike) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise InputError(f"--out {out}: a folder that `ovsam show` did not write (no {MARKER}); give a new or empty folder")
     return out
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` onto `out` (an earlier review there is moved aside, then removed)."""
-    if out.is_dir() and any(out.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "review")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out.is_dir():
-            out.rmdir()
-        os.replace(tmp, out)
 
 
 class _Folder:
@@ -336,7 +323,7 @@ def build_review(pred: PathLike, images: PathLike, out: PathLike, *, ann: Option
                 title=options.title)
     summary = ReviewSummary(out=out, notes=list(output.notes))
     events.started(len(output.images))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = make_temp_directory(out, suffix=".partial")
     try:
         builder = _Builder(_Folder(tmp), site, options, images, truth, events)
         for entry in output.entries():
@@ -346,7 +333,7 @@ def build_review(pred: PathLike, images: PathLike, out: PathLike, *, ann: Option
                   "gt": None if gt is None else str(gt), "images": summary.images, "labels": summary.labels,
                   "grid_pages": summary.grid_pages, "queue": summary.queue, "page_size": options.page_size}
         _Folder(tmp).text(MARKER, json.dumps(marker, indent=1) + "\n")
-        _publish(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

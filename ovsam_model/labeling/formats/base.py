@@ -22,11 +22,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, ClassVar, Optional, Sequence
 
-from ovsam_model.atomic import atomic_path
+from ovsam_model.atomic import atomic_path, make_temp_directory, replace_directory
 
 from ..records import Entry
 
@@ -142,7 +141,7 @@ class DirectoryFormat(OutputFormat):
         self.check_out(out)
         self.out = Path(out)  # type: ignore[arg-type]
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        self.root = make_temp_directory(self.out)
         self.open_directory(categories)
 
     def path_for(self, relative: PurePosixPath) -> Path:
@@ -167,7 +166,7 @@ class DirectoryFormat(OutputFormat):
     def end(self) -> int:
         self.close_directory()
         _fsync_tree(self.root)
-        _replace_directory(self.root, self.out)
+        replace_directory(self.root, self.out)
         return self.count
 
     def abort(self) -> None:
@@ -181,18 +180,3 @@ def _fsync_tree(root: Path) -> None:
             if not os.path.islink(path):
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-
-
-def _replace_directory(tmp: Path, out: Path) -> None:
-    """Rename the finished folder `tmp` onto `out`; an existing `out` is first moved aside under a
-    hidden name and removed once the new one is in place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
