@@ -103,10 +103,7 @@ class EverythingGenerator:
         self.settings = settings.check()
         self.grids = settings.point_grids()
         self.k = max(1, min(int(getattr(predictor, "topk", 1)), len(predictor.class_names)))
-
-    def prepare(self, image: np.ndarray) -> EverythingInput:
-        return prepare_everything(image, prepare=self.predictor.prepare, crop_n_layers=self.settings.crop_n_layers,
-                                  crop_overlap_ratio=self.settings.crop_overlap_ratio)
+        self.prepare: Callable[[np.ndarray], EverythingInput] = everything_preparer(predictor, settings)
 
     def generate(self, image: np.ndarray) -> EverythingMasks:
         """One HxWx3 uint8 RGB image → its masks."""
