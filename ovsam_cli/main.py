@@ -18,6 +18,7 @@ from ovsam_cli.distill import distill
 from ovsam_cli.eval import eval_command
 from ovsam_cli.finetune import finetune
 from ovsam_cli.label import label
+from ovsam_cli.plot import plot
 from ovsam_cli.show import show
 from ovsam_cli.weights import app as weights_app
 
@@ -55,6 +56,7 @@ app.command("label", no_args_is_help=True)(label)
 app.command("eval", no_args_is_help=True)(eval_command)
 app.command("distill", no_args_is_help=True)(distill)
 app.command("finetune", no_args_is_help=True)(finetune)
+app.command("plot", no_args_is_help=True)(plot)
 app.command("show", no_args_is_help=True)(show)
 app.command("convert", no_args_is_help=True)(convert)
 app.add_typer(weights_app, name="weights")
