@@ -67,7 +67,7 @@ class LabelJob:
 
     source: Any  # a `PromptSource`, already read (its structure checked)
     images: Any  # the `ImageSource` of --images / --ann
-    ann: Optional[Path]
+    ann: Any  # --ann: a local Path, a URI (str), or None
     out: Optional[str]  # None: standard output
     label_source: str
     fmt: str
@@ -282,6 +282,11 @@ def _check_out(out: Optional[str], resume: bool) -> Optional[str]:
         if resume:
             raise CliError("--resume needs --out FILE (stdout output cannot be resumed)")
         return None
+    from ovsam_model.io.uris import local_output
+
+    local = local_output(out)  # a URI is refused: the output, its part file and its lock are local files
+    if out.startswith("file://"):
+        out = str(local)
     if not Path(out).parent.is_dir():
         raise CliError(f"--out {out}: folder {Path(out).parent} does not exist")
     return out
@@ -290,11 +295,11 @@ def _check_out(out: Optional[str], resume: bool) -> Optional[str]:
 def label(
     boxes: Annotated[
         Optional[str],
-        typer.Option("--boxes", help="Detections: COCO results JSON array, JSON Lines, or detectron2 instances_predictions.pth; '-' reads stdin."),
+        typer.Option("--boxes", help="Detections: COCO results JSON array, JSON Lines, or detectron2 instances_predictions.pth; '-' reads stdin. A local path or a URI (s3://, gs://, ...; see --images)."),
     ] = None,
     points: Annotated[
         Optional[str],
-        typer.Option("--points", help="Clicks instead of boxes: records with image_id, points (a list of x,y pairs) and labels (1 positive, 0 negative per point), JSON or JSON Lines."),
+        typer.Option("--points", help="Clicks instead of boxes: records with image_id, points (a list of x,y pairs) and labels (1 positive, 0 negative per point), JSON or JSON Lines. A local path or a URI (see --images)."),
     ] = None,
     everything: Annotated[
         bool,
@@ -302,14 +307,15 @@ def label(
                                           "Records add stability_score and point_coords; score = stability × label probability.",
                      rich_help_panel=EVERYTHING_PANEL),
     ] = False,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of the images.")] = None,
+    images: Annotated[Optional[str], typer.Option("--images", metavar="DIR", help="Folder of the images: a local path, or a URI that fsspec reads (s3://bucket/val2017, gs://..., az://...; "
+                                                                                  "install the protocol's package, e.g. s3fs or gcsfs; credentials as that package reads them, e.g. AWS_PROFILE).")] = None,
     ann: Annotated[
-        Optional[Path],
-        typer.Option("--ann", help="COCO or LVIS dataset JSON: file names (LVIS: from coco_url), sizes, categories. Without it: DIR/{image_id:012d}.jpg."),
+        Optional[str],
+        typer.Option("--ann", metavar="FILE", help="COCO or LVIS dataset JSON: file names (LVIS: from coco_url), sizes, categories. Without it: DIR/{image_id:012d}.jpg. A local path or a URI (see --images)."),
     ] = None,
     out: Annotated[
         Optional[str],
-        typer.Option("--out", help="Output file ('-': stdout). Written at the end, atomically. Default: stdout when it is a pipe or file; required on a terminal."),
+        typer.Option("--out", help="Output file ('-': stdout). Written at the end, atomically. Default: stdout when it is a pipe or file; required on a terminal. Always local (not a URI): copy it to object storage afterwards."),
     ] = None,
     score_thr: Annotated[float, typer.Option("--score-thr", help="Drop detections with a detector score below this.")] = 0.0,
     max_dets: Annotated[int, typer.Option("--max-dets", min=1, help="Keep at most this many detections per image (highest scores).")] = 300,
@@ -408,6 +414,10 @@ def label(
                 raise CliError("give exactly one of --boxes, --points and --everything")
             if images is None:
                 raise CliError("--images DIR is required")
+            from ovsam_model.io.uris import location
+
+            images_at = location(images)  # a local Path, or a URI read through fsspec (imported only then)
+            ann_at = None if ann is None else location(ann)
             ray_job = _ray_settings(locals())
             target = _check_out(out, resume)
             if target is not None:
@@ -422,14 +432,19 @@ def label(
             (option, value), = given.items()
             source = make_source(option, value) if everything else make_source(option, value, score_thr=score_thr,
                                                                                  max_dets=max_dets)
-            image_source = check_inputs(images, source, ann=ann, exif=exif.value, label_source=label_source.value,
+            image_source = check_inputs(images_at, source, ann=ann_at, exif=exif.value, label_source=label_source.value,
                                         strict=strict)  # before torch is imported: mistakes show at once
             from ovsam_cli.convert import output_format
 
+            local_images = images_at if isinstance(images_at, Path) else None  # what --format yolo can link
+            if local_images is None and fmt.value == "yolo":
+                info(f"warning: --format yolo: images under --images {images} are not linked into {target}/images "
+                     f"(a URI); copy them there", quiet)
             sink = output_format(fmt.value, None if target is None else Path(target), polygons=polygons,
-                                 yolo_boxes=yolo_boxes, ls_image_root=ls_image_root, images=images, model_version=model)
+                                 yolo_boxes=yolo_boxes, ls_image_root=ls_image_root, images=local_images,
+                                 model_version=model)
             job = LabelJob(
-                source=source, images=image_source, ann=ann, out=target, label_source=label_source.value, fmt=fmt.value, polygons=polygons, resume=resume,
+                source=source, images=image_source, ann=ann_at, out=target, label_source=label_source.value, fmt=fmt.value, polygons=polygons, resume=resume,
                 batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet, sink=sink, ray=ray_job,
                 model=ModelSettings(model=model, vocab=vocab, vocab_names=vocab_names, box_batch=box_batch,
                                     amp=not no_amp, topk=topk, roi_box=roi_box.value, random_weights=random_weights,

@@ -118,9 +118,12 @@ def _read_text(source: Source, stdin: Optional[TextIO]) -> tuple[str, str]:
     if str(source) == "-":
         stream = stdin if stdin is not None else sys.stdin
         return stream.read(), "<stdin>"
-    path = Path(source)
+    from ovsam_model.io.uris import location, read_bytes
+
+    path = location(source)  # a local Path, or a URI read through fsspec
     try:
-        return path.read_text(encoding="utf-8"), str(path)
+        text = read_bytes(path).decode("utf-8") if isinstance(path, str) else path.read_text(encoding="utf-8")
+        return text, str(path)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -270,12 +273,25 @@ def _records(docs: list[tuple[Any, str]], name: str, build: Callable[[Any, int, 
     return _checked(out, name)
 
 
-def _read_detectron2_pth(path: Path, require_category: bool, strict: bool) -> list[RawRecord]:
-    """detectron2 `instances_predictions.pth`: [{image_id, instances: [{category_id 0-based, bbox XYWH, score}]}]."""
+def _read_detectron2_pth(path: Union[Path, str], require_category: bool, strict: bool) -> list[RawRecord]:
+    """detectron2 `instances_predictions.pth`: [{image_id, instances: [{category_id 0-based, bbox XYWH, score}]}]
+    (`path`: a local Path, or a URI)."""
+    import io
+
     import torch
 
+    from ovsam_model.io.uris import read_bytes
+
+    target: Any = path
+    if isinstance(path, str):
+        try:
+            target = io.BytesIO(read_bytes(path))
+        except FileNotFoundError:
+            raise InputError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc})") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(target, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except Exception as exc:  # torch raises many types for a bad pickle
@@ -304,7 +320,8 @@ def _read_detectron2_pth(path: Path, require_category: bool, strict: bool) -> li
 
 def read_box_records(source: Source, *, require_category: bool = False, stdin: Optional[TextIO] = None,
                      strict: bool = True) -> list[RawRecord]:
-    """Read `--boxes`: COCO results JSON array, JSON Lines, or detectron2 `.pth` ('-' = stdin).
+    """Read `--boxes`: COCO results JSON array, JSON Lines, or detectron2 `.pth` ('-' = stdin; a
+    local path, or a URI that fsspec reads, see `ovsam_model.io.uris`).
 
     Required fields: image_id, bbox (XYWH), score; category_id too when `require_category`.
     `strict`: a record that lacks a field or has one of the wrong type refuses the whole file
@@ -312,7 +329,9 @@ def read_box_records(source: Source, *, require_category: bool = False, stdin: O
     skips, counts and names it; only a file without a single usable record is refused.
     """
     if str(source) != "-" and Path(source).suffix in (".pth", ".pt"):
-        return _read_detectron2_pth(Path(source), require_category, strict)
+        from ovsam_model.io.uris import location
+
+        return _read_detectron2_pth(location(source), require_category, strict)
     text, name = _read_text(source, stdin)
     docs = _parse_json_documents(text, name)
     return _records(docs, name, lambda rec, i, where: _box_record(rec, i, where, name, require_category), strict)

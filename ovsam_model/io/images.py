@@ -47,11 +47,14 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
+from ovsam_model.io.uris import is_uri
+
 EXIF_POLICIES = ("auto", "apply", "ignore")
 ORIENTATION_TAG = 0x0112  # EXIF / TIFF Orientation
 TRANSPOSING = (5, 6, 7, 8)  # orientations that swap width and height
 
 PathLike = Union[str, Path]
+Source = Union[str, Path, bytes]  # a local path, or the bytes of a file read from a URI
 
 
 class FloatImageError(ValueError):
@@ -122,7 +125,13 @@ def header_of(im: Image.Image) -> ImageHeader:
 
 def read_header(path: PathLike) -> ImageHeader:
     """The header of an image file (no pixel decoding for JPEG). Raises FileNotFoundError,
-    OSError (not an image), ValueError, Image.DecompressionBombError like `Image.open`."""
+    OSError (not an image), ValueError, Image.DecompressionBombError like `Image.open`. A URI
+    (`ovsam_model.io.uris`) is read a block at a time, as far as the header goes."""
+    if is_uri(path):
+        from ovsam_model.io.uris import open_header
+
+        with open_header(str(path)) as f, Image.open(f) as im:
+            return header_of(im)
     with Image.open(path) as im:
         return header_of(im)
 
@@ -248,7 +257,14 @@ def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def _read_deep_color(path: PathLike, size: tuple[int, int]) -> Optional[np.ndarray]:
+def _file_bytes(source: Source) -> np.ndarray:
+    """The file's bytes as uint8 (a local path is read; bytes of a URI's object are viewed)."""
+    if isinstance(source, (bytes, bytearray)):
+        return np.frombuffer(source, dtype=np.uint8)
+    return np.fromfile(str(source), dtype=np.uint8)
+
+
+def _read_deep_color(path: Source, size: tuple[int, int]) -> Optional[np.ndarray]:
     """A 16-bit RGB/RGBA/LA file's samples through OpenCV (stored layout), as H×W×3 uint16 RGB;
     None when OpenCV is missing or does not give 16-bit samples of the expected size."""
     try:
@@ -256,7 +272,7 @@ def _read_deep_color(path: PathLike, size: tuple[int, int]) -> Optional[np.ndarr
     except ImportError:
         return None
     try:
-        data = np.fromfile(str(path), dtype=np.uint8)
+        data = _file_bytes(path)
         array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # UNCHANGED: no EXIF rotation, depth kept
     except Exception:
         return None
@@ -271,9 +287,9 @@ def _read_deep_color(path: PathLike, size: tuple[int, int]) -> Optional[np.ndarr
     return None
 
 
-def to_rgb8(im: Image.Image, path: Optional[PathLike] = None, rawmode: Optional[str] = None) -> np.ndarray:
+def to_rgb8(im: Image.Image, path: Optional[Source] = None, rawmode: Optional[str] = None) -> np.ndarray:
     """The H×W×3 uint8 RGB pixels of an opened image, stored layout (no EXIF), by the rules of
-    the module docstring. `path` lets 16-bit colour files be re-read at full depth; `rawmode`:
+    the module docstring. `path` (or the file's bytes) lets 16-bit colour files be re-read at full depth; `rawmode`:
     the decoder's raw mode as read before anything loaded the image (loading clears it; default:
     read it now). Raises FloatImageError for float images."""
     mode = im.mode
@@ -300,14 +316,17 @@ def to_rgb8(im: Image.Image, path: Optional[PathLike] = None, rawmode: Optional[
 _FLOAT_MAGIC = ((b"#?RADIANCE", "Radiance HDR"), (b"#?RGBE", "Radiance HDR"), (b"\x76\x2f\x31\x01", "OpenEXR"))
 
 
-def sniff_float_image(path: PathLike) -> Optional[str]:
-    """For a file PIL cannot open: the float-image message if it is one (Radiance HDR, OpenEXR,
-    or a float TIFF that OpenCV decodes to float samples), else None."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return None
+def sniff_float_image(path: Source) -> Optional[str]:
+    """For a file PIL cannot open (a local path, or the file's bytes): the float-image message if
+    it is one (Radiance HDR, OpenEXR, or a float TIFF that OpenCV decodes to float samples), else None."""
+    if isinstance(path, (bytes, bytearray)):
+        head = bytes(path[:16])
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            return None
     for magic, what in _FLOAT_MAGIC:
         if head.startswith(magic):
             return float_image_message(what)
@@ -315,7 +334,7 @@ def sniff_float_image(path: PathLike) -> Optional[str]:
         try:
             import cv2
 
-            array = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+            array = cv2.imdecode(_file_bytes(path), cv2.IMREAD_UNCHANGED)
         except Exception:
             return None
         if array is not None and array.dtype.kind == "f":
@@ -344,12 +363,20 @@ class DecodedImage:
 def read_image(path: PathLike, *, exif: str = "auto", expected_hw: Optional[tuple[int, int]] = None) -> DecodedImage:
     """Decode `path` in the frame chosen by `exif` (and `expected_hw`, the (height, width) from
     --ann). Raises FileNotFoundError, ImageSizeMismatch (before decoding the pixels),
-    FloatImageError, or OSError/ValueError/Image.DecompressionBombError for an unreadable file."""
+    FloatImageError, or OSError/ValueError/Image.DecompressionBombError for an unreadable file.
+    `path`: a local path, or a URI (`ovsam_model.io.uris`), whose object is read whole first."""
     check_exif_policy(exif)
+    source: Source = path
+    opened: object = path
+    if is_uri(path):
+        from ovsam_model.io.uris import NamedBytes, read_bytes
+
+        source = read_bytes(str(path))
+        opened = NamedBytes(source, str(path))
     try:
-        im = Image.open(path)
+        im = Image.open(opened)  # type: ignore[arg-type]
     except Image.UnidentifiedImageError:
-        message = sniff_float_image(path)
+        message = sniff_float_image(source)
         if message is not None:
             raise FloatImageError(message) from None
         raise
@@ -357,7 +384,7 @@ def read_image(path: PathLike, *, exif: str = "auto", expected_hw: Optional[tupl
         rawmode = _rawmode(im)  # before getexif(), which loads (and so forgets the tiles of) a PNG
         header = header_of(im)
         apply = choose_frame(header, exif, expected_hw)
-        array = to_rgb8(im, path, rawmode)
+        array = to_rgb8(im, source, rawmode)
     if array.shape[:2] != (header.height, header.width):  # a decoder disagreeing with its header
         raise ValueError(f"decoded {_wh(array.shape[1], array.shape[0])} != {_wh(header.width, header.height)} in its header")
     if apply and header.orientation != 1:

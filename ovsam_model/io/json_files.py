@@ -10,9 +10,15 @@ from ovsam_model.io.detections import InputError
 
 
 def read_text(path: Union[str, Path], name: str) -> str:
-    """The file's text (UTF-8); `name` is how messages call it (e.g. "--ann x.json")."""
+    """The file's text (UTF-8); `name` is how messages call it (e.g. "--ann x.json"). `path`: a
+    local path, or a URI that fsspec reads (`ovsam_model.io.uris`)."""
+    from ovsam_model.io.uris import location, read_bytes
+
+    where = location(path)
     try:
-        return Path(path).read_text(encoding="utf-8")
+        if isinstance(where, str):
+            return read_bytes(where).decode("utf-8")
+        return where.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{name}: file not found") from None
     except IsADirectoryError:

@@ -1,8 +1,9 @@
 """Decode images and run `predictor.prepare` in DataLoader workers.
 
-A missing or corrupt file does not stop the run: its item carries `error` and no `prepared`
-image, and the main loop counts the image's prompts as skipped and records the image as done
-without records (`ovsam_model.labeling.records.skipped_entry`), so that merging and --resume go on.
+A missing or corrupt file (or object, for a URI: `ovsam_model.io.uris`) does not stop the run:
+its item carries `error` and no `prepared` image, and the main loop counts the image's prompts as
+skipped and records the image as done without records
+(`ovsam_model.labeling.records.skipped_entry`), so that merging and --resume go on.
 
 Decoding (bit depth, float images) and the frame (`exif` policy: "auto", "apply", "ignore")
 follow `ovsam_model.io.images`: the image is prepared in the frame whose size is the record's
@@ -19,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ovsam_model.io.datasets import ImageRecord
-from ovsam_model.io.detections import SkipReason
+from ovsam_model.io.detections import InputError, SkipReason
 from ovsam_model.io.images import FloatImageError, ImageSizeMismatch, check_exif_policy, read_image
 from ovsam_model.types import PreparedImage
 
@@ -66,6 +67,8 @@ def load_image(record: ImageRecord, prepare: Callable[[np.ndarray], PreparedImag
     error marker: what a DataLoader worker (`ImageDataset`) or a Ray task makes of one image."""
     try:
         decoded = read_image(record.path, exif=exif, expected_hw=(record.height, record.width))
+    except InputError:  # a URI whose protocol package this worker lacks: the run's mistake, not the image's
+        raise
     except FileNotFoundError:
         return LoadedImage(record, None, "file not found", SkipReason.IMAGE_UNREADABLE)
     except ImageSizeMismatch as exc:

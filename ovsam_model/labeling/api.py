@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 from ovsam_model.io.datasets import ImageSource, load_image_source
 from ovsam_model.io.detections import InputError
+from ovsam_model.io.uris import local_output
 
 from .engine import LabelEvents, Labeler, LabelSummary
 from .formats import OutputFormat
@@ -129,7 +130,7 @@ def check_inputs(images: Union[PathLike, ImageSource], source: PromptSource, *, 
     if isinstance(images, ImageSource):
         image_source = images
     else:
-        image_source = load_image_source(Path(images), None if ann is None else Path(ann), exif=exif)
+        image_source = load_image_source(images, ann, exif=exif)  # local paths, or URIs (ovsam_model.io.uris)
     mentioned = source.read(strict=strict, require_category=label_source == "detector")
     if ann is not None and mentioned and all(image_source.get(i) is None for i in mentioned):
         raise InputError(f"--ann {ann} has none of the images of the prompts (e.g. image_id {min(mentioned)})")
@@ -162,7 +163,9 @@ def open_labeler(
     or an `ovsam_model.everything.EverythingSettings` or a dict of its fields: every image of the
     run is segmented from a grid of clicks, each mask named), or any `source`;
     images from the folder `images`, named and sized by the COCO/LVIS dataset `ann` (without it:
-    `{image_id:012d}.jpg`), or an `ImageSource` already loaded; `exif` ("auto", "apply",
+    `{image_id:012d}.jpg`), or an `ImageSource` already loaded. `images`, `ann` and the files of
+    `boxes`/`points` are local paths or URIs that fsspec reads (`s3://bucket/val2017`: see
+    `ovsam_model.io.uris`); outputs are local. `exif` ("auto", "apply",
     "ignore") chooses each image's frame. The model is `predictor` (ready), or built from `model` (a registry
     name, with `model_options` such as vocab=, device=, topk=, box_batch=, random_weights=,
     weights={...}; or a `ModelSettings`). Nothing is labeled yet: call `.run(out)` or iterate
@@ -210,6 +213,7 @@ def label_images(
     `labeler_options` are those of `open_labeler` (`ray=True` labels on a local Ray instance,
     `ray="auto"` on the cluster of this machine: the same bytes)."""
     if out is not None:
-        check_not_running(Path(out), rank, world)
+        out = local_output(out)  # a URI is refused in one line: outputs are local files
+        check_not_running(out, rank, world)
     labeler = open_labeler(images, **labeler_options)
     return labeler.run(None if out is None else Path(out), fmt, resume=resume, rank=rank, world=world)

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from ovsam_model.io.datasets import ImageRecord, ImageSource
 from ovsam_model.io.detections import InputError, PromptSet
+from ovsam_model.io.uris import local_output
 
 from .formats import OutputFormat, get_format
 from .parts import PartIndex, PartWriter, all_part_paths, is_finished, part_path, try_lock
@@ -201,7 +202,7 @@ class Labeler:
             with tempfile.TemporaryDirectory(prefix="ovsam-label-") as tmp:
                 summary = self._run_into(Path(tmp) / "stdout.json", None, sink, False, 0, 1)
         else:
-            out = Path(out)
+            out = local_output(out)  # outputs are local files (a URI is a one-line error)
             summary = self._run_into(out, out, sink, resume, rank, world)
         summary.elapsed = time.monotonic() - started
         return summary
