@@ -17,12 +17,21 @@ So a finished block is never recomputed: it is in the part file, which `--resume
 part file is the one a plain run writes (same name, same fingerprint: a Ray run can be resumed
 without Ray and the other way round). Ray retries what dies: Ray Data restarts a dead actor and
 retries its batches (its actor pools' `max_restarts` and `max_task_retries` are -1, without
-limit), and Ray retries the task of a dead decoding worker (`max_retries`); a block that still
-arrived twice is written once.
+limit), and Ray retries the task of a dead decoding worker (`max_retries` -1); a block that still
+arrived twice is written once. Ray Data 2.60 has no supported way to bound those retries: only
+`map_batches(..., max_restarts=N, max_task_retries=M)`, whose `**ray_remote_args` are deprecated
+and removed in 2.64 (`DataContext.max_map_retries` and `actor_task_retry_on_errors` cover user
+exceptions, `max_consecutive_actor_init_deaths` deaths while building the model, which fail the
+run at once by default). So a batch that kills its actor every time is retried while other
+batches progress, and ends the run once nothing else does, through Ray Data's no-progress guard
+(`DataContext.execution_no_progress_timeout_s`, 30 minutes; `_one_line_failures` says so in
+one line).
 
-Images and `--boxes`/`--points` files are read by path: on a cluster they must be on a file
-system every node sees at the same path (the driver reads the prompts and `--ann`, the decode
-tasks read the images). The output is written where the driver runs.
+Images, `--boxes`/`--points` files and `--ann` are local paths or URIs (`ovsam_model.io.uris`:
+object storage through fsspec): the driver reads the prompts and `--ann`, the decode tasks read
+the images, so local paths must be on a file system every node sees at the same path, and URIs
+need their protocol's package and credentials on every node (a local Ray instance's workers
+inherit the driver's environment). The output is written where the driver runs.
 """
 
 from __future__ import annotations
