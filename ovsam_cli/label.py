@@ -222,7 +222,7 @@ def _model_components(model: str) -> tuple[str, ...]:
     from ovsam_model.registry import resolve_spec
 
     try:
-        return resolve_spec(model).components
+        return resolve_spec(model).all_components
     except ValueError as exc:  # a ':variant' the model does not take
         raise CliError(first_line(exc)) from None
 

@@ -159,7 +159,7 @@ def load_spec_weights(model: nn.Module, spec: ModelSpec, paths: Mapping[str, str
     """Load every component of `spec` found in `paths` (component → file), in the spec's order,
     so later targets overwrite earlier ones. Returns the merged non-module payloads."""
     payloads: dict[str, torch.Tensor] = {}
-    for wf in spec.files:
+    for wf in (*spec.files, *spec.user_files):
         if wf.component in paths:
             payloads.update(load_weight_file(model, wf, paths[wf.component]))
     return payloads

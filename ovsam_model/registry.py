@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
-from ovsam_model.config import PIXEL_MEAN, PIXEL_STD, RN50X16, TINY, OVSAMConfig
+from ovsam_model.config import PIXEL_MEAN, PIXEL_STD, RN50X16, TINY, TINY_256, OVSAMConfig
 
 HF_MODELS = "https://huggingface.co/HarborYuan/ovsam_models/resolve/main/"
 HF_SPACE = "https://huggingface.co/spaces/HarborYuan/ovsam/resolve/main/models/"
@@ -90,10 +90,19 @@ class ModelSpec:
     sam_variant: Optional[str] = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     description: str = ""
+    # files the model loads only when the user gives them (`--checkpoint COMPONENT=PATH`), never
+    # fetched: the random-weight `tiny` models take a trained adapter or CLIP2SAM file this way
+    user_files: tuple[WeightFile, ...] = ()
 
     @property
     def components(self) -> tuple[str, ...]:
+        """The components of the files the model downloads."""
         return tuple(f.component for f in self.files)
+
+    @property
+    def all_components(self) -> tuple[str, ...]:
+        """Every component `--checkpoint` may name: the downloaded files' and `user_files`'."""
+        return tuple(f.component for f in (*self.files, *self.user_files))
 
     def file(self, component: str) -> WeightFile:
         for f in self.files:
@@ -225,6 +234,15 @@ def _ovsam(name: str, config: OVSAMConfig, files: tuple[WeightFile, ...], vocabu
                      description=description)
 
 
+def _tiny(name: str, config: OVSAMConfig, description: str) -> ModelSpec:
+    """Random weights (seed 0) unless the user gives a trained file in the released layouts
+    (`ovsam distill` / `ovsam finetune` outputs) with `--checkpoint`."""
+    return ModelSpec(name=name, kind="ovsam", config=config, files=(), vocabulary="coco",
+                     train_vocabulary="coco-base", clip_model=config.clip.name, clip_pretrained=None,
+                     clip_quick_gelu=False, description=description,
+                     user_files=(SAM2CLIP, CLIP2SAM_COCO, prompt_encoder_weight()))
+
+
 def _baseline(kind: ModelKind, sam_variant: str = "vit_h") -> ModelSpec:
     config = RN50X16.with_(roi_size=12)
     return ModelSpec(name=kind, kind=kind, config=config, files=(sam_weight(sam_variant),),
@@ -258,10 +276,8 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
                "the Hugging Face Space model: LVIS-norare decoder, V3Det+LVIS FPN and roi_conv"),
         _baseline("baseline-image-crop"),
         _baseline("baseline-feature-crop"),
-        ModelSpec(name="tiny", kind="ovsam", config=TINY, files=(), vocabulary="coco",
-                  train_vocabulary="coco-base", clip_model=TINY.clip.name, clip_pretrained=None,
-                  clip_quick_gelu=False,
-                  description="the real architecture at small widths, random weights (tests)"),
+        _tiny("tiny", TINY, "the real architecture at small widths, random weights (tests)"),
+        _tiny("tiny-256", TINY_256, "tiny at 256² inputs: small training runs that learn on a CPU in minutes"),
     )
 }
 

@@ -245,13 +245,15 @@ def resolve_weights(spec: ModelSpec, *, cache_dir: str | Path | None = None, off
     or SAM decoder), resolved after the spec's own and named by their `component`. With
     `components`, a component that has an override is resolved too (a given file is used)."""
     overrides = dict(overrides or {})
-    files = (*spec.files, *extra_files)
+    fetched = (*spec.files, *extra_files)
+    files = (*fetched, *spec.user_files)  # user files: only when overridden
     known = [wf.component for wf in files]
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise WeightsError(f"{spec.name} has no weight component {unknown[0]!r} "
-                           f"(components: {', '.join(known) or 'none'})")
-    wanted = set(known if components is None else components) | set(overrides)
+                           f"(components: {', '.join(dict.fromkeys(known)) or 'none'})")
+    wanted = set([wf.component for wf in fetched] if components is None else components) | set(overrides)
+    wanted -= {wf.component for wf in spec.user_files} - set(overrides)
     return {
         wf.component: fetch_file(wf, cache_dir=cache_dir, offline=offline, override=overrides.get(wf.component),
                                  progress=progress, model=spec.name)

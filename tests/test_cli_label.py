@@ -289,7 +289,7 @@ def test_missing_image_file_is_skipped(mini, tmp_path):
         ("unknown_vocab", "unknown vocabulary 'bogus'"),
         ("bad_device", "Invalid value for --device: 'gpu0'"),
         ("checkpoint_syntax", "'clip2sam': expected COMPONENT=PATH"),
-        ("checkpoint_component", "unknown component 'clip2sam' (this model has: none)"),
+        ("checkpoint_component", "unknown component 'sam' (this model has: sam2clip, clip2sam, prompt_encoder)"),
     ],
 )
 def test_bad_inputs(case, message, mini, tmp_path):
@@ -309,7 +309,7 @@ def test_bad_inputs(case, message, mini, tmp_path):
         "unknown_vocab": ["--boxes", good, "--vocab", "bogus"],
         "bad_device": ["--boxes", good, "--device", "gpu0"],
         "checkpoint_syntax": ["--boxes", good, "--checkpoint", "clip2sam"],
-        "checkpoint_component": ["--boxes", good, "--checkpoint", "clip2sam=x.pth"],
+        "checkpoint_component": ["--boxes", good, "--checkpoint", "sam=x.pth"],
     }[case]
     stdin = {
         "malformed": '[{"image_id": 1,, }]',

@@ -22,7 +22,7 @@ from ovsam_model.weights import WeightsError, fetch_file, resolve_weights
 
 def test_registry_names_and_unknown_name():
     assert set(MODEL_REGISTRY) == {"ovsam-rn50x16-coco", "ovsam-rn50x16-lvis", "ovsam-rn50x16-demo",
-                                   "baseline-image-crop", "baseline-feature-crop", "tiny"}
+                                   "baseline-image-crop", "baseline-feature-crop", "tiny", "tiny-256"}
     with pytest.raises(KeyError) as err:
         get_spec("ovsam-rn50")
     for name in MODEL_REGISTRY:

@@ -35,6 +35,19 @@ def _quiet_random_init(active: bool) -> Iterator[None]:
         logging.getLogger().removeFilter(flt)
 
 
+def _signal_preserving_init(visual: ModifiedResNet) -> None:
+    """A ResNet's usual random init (He-normal convs, BatchNorm scale 1) for the small test
+    trunks, whose weights stay random. open_clip's init zeroes the last BatchNorm of every block
+    and, with frozen eval-mode statistics, its stem shrinks the signal to ~0 by C5: the features
+    would not depend on the image, and no small training run could learn anything from them."""
+    for m in visual.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ClipTrunk(nn.Module):
     """open_clip CLIP, frozen (`lock`), exposing C2..C5 (strides 4/8/16/32) of its image tower.
 
@@ -51,6 +64,8 @@ class ClipTrunk(nn.Module):
         if cfg.custom is not None:
             self.clip = open_clip.model.CLIP(**cfg.custom)
             self.tokenizer = open_clip.get_tokenizer("RN50")
+            if isinstance(self.clip.visual, ModifiedResNet):
+                _signal_preserving_init(self.clip.visual)
         else:
             with _quiet_random_init(pretrained is None):
                 self.clip = open_clip.create_model(cfg.name, pretrained=pretrained, cache_dir=cache_dir,
