@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn, Optional, Sequence
 
 import typer
 from rich.console import Console, ConsoleDimensions
@@ -323,3 +323,27 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/las
 SeedOpt = Annotated[int, typer.Option(
     "--seed", help="Seed of the initialisation and of every random draw (data order, augmentation, prompts).")]
 AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (losses stay float32).")]
+EvalEveryOpt = Annotated[int, typer.Option(
+    "--eval-every", min=0, help="With a validation set: evaluate every N iterations, besides before the first and "
+                                "after the last (0: only those two). The figures go to OUT/metrics.jsonl.")]
+PlotOpt = Annotated[bool, typer.Option(
+    "--plot", help="At the end, draw OUT/curves.png from OUT/metrics.jsonl (as `ovsam plot OUT`).")]
+
+
+def report_training(out: Path, evals: Sequence[dict], plot: bool, quiet: bool) -> None:
+    """After a training run: the last eval figures, where the log is, and the curves (--plot)."""
+    if evals:
+        last = evals[-1]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last["eval"].items() if isinstance(v, (int, float)))
+        first = evals[0]
+        info(f"eval at step {last['step']}: {shown}" + (f" (step {first['step']}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in first["eval"].items() if isinstance(v, (int, float))) + ")"
+            if first is not last else ""), quiet)
+    info(f"metrics: {Path(out) / 'metrics.jsonl'}; options and versions: {Path(out) / 'config.json'}", quiet)
+    if plot:
+        from ovsam_model.train.plot import PlotError, plot_runs
+
+        try:
+            info(f"curves: {plot_runs([Path(out)], Path(out) / 'curves.png')}", quiet)
+        except PlotError as e:
+            info(f"warning: no curves drawn: {e}", quiet)

@@ -22,16 +22,19 @@ from ovsam_cli.common import (
     ClipWeightsOpt,
     DeviceOpt,
     EpochsOpt,
+    EvalEveryOpt,
     GradClipOpt,
     LrOpt,
     MaxItersOpt,
     OfflineOpt,
+    PlotOpt,
     QuietOpt,
     ResumeOpt,
     SaveEveryOpt,
     SeedOpt,
     WorkersOpt,
     info,
+    report_training,
     resolve_device,
     user_errors,
     weight_options,
@@ -48,11 +51,18 @@ class Teacher(str, Enum):
 def distill(
     images: Annotated[Path, typer.Option("--images", help="Folder of training images (.jpg/.jpeg/.png, searched recursively).")],
     out: Annotated[Path, typer.Option("--out", file_okay=False,
-                                      help="Output folder: last.pth (for --resume), sam2clip_distilled.pth (the adapter in the released layout), teacher_cache/.")],
-    model: Annotated[str, typer.Option("--model", help="Student: an OVSAM registry name (its CLIP trunk + adapter); tiny for smoke tests.")] = "ovsam-rn50x16-coco",
+                                      help="Output folder: last.pth (for --resume), sam2clip_distilled.pth (the adapter in the released layout), metrics.jsonl (one line per iteration), config.json (options, versions, weights' sha256, commit), teacher_cache/.")],
+    model: Annotated[str, typer.Option("--model", help="Student: an OVSAM registry name (its CLIP trunk + adapter); tiny for smoke tests, tiny-256 for small runs that learn on a CPU.")] = "ovsam-rn50x16-coco",
     teacher: Annotated[Teacher, typer.Option("--teacher", help="Teacher: vit_h (SAM ViT-H, weights fetched or --checkpoint sam=PATH) or tiny (random, tests).")] = Teacher.vit_h,
     teacher_cache: Annotated[Optional[Path], typer.Option("--teacher-cache", file_okay=False,
                                                           help="Folder of cached teacher embeddings (fp16, one file per image; default OUT/teacher_cache).")] = None,
+    val_images: Annotated[Optional[Path], typer.Option(
+        "--val-images", file_okay=False,
+        help="Held-out images: the student's MSE against the teacher on them every --eval-every iterations, with "
+             "two references, the untrained student and a constant predictor (the teacher's mean embedding over "
+             "the training images).")] = None,
+    eval_every: EvalEveryOpt = 500,
+    plot: PlotOpt = False,
     epochs: EpochsOpt = 24,
     batch_size: BatchSizeOpt = 16,
     lr: LrOpt = 1e-4,
@@ -84,6 +94,8 @@ def distill(
     with user_errors(also=(ValueError,)):  # the cheap checks, before torch is imported
         if not images.is_dir():
             raise CliError(f"--images {images}: no such folder")
+        if val_images is not None and not val_images.is_dir():
+            raise CliError(f"--val-images {val_images}: no such folder")
         env = DistEnv.from_env()
         quiet = quiet or env.rank != 0
         opts = weight_options(cache_dir, offline, checkpoint, clip_weights, components=("sam", "sam2clip"))
@@ -112,6 +124,7 @@ def distill(
             max_iters=max_iters, save_every=save_every, workers=workers, device=run_device, resume=resume,
             seed=seed, amp=amp, teacher_weights=weights.paths.get("sam"), adapter_init=weights.paths.get("sam2clip"),
             clip_pretrained=weights.clip_pretrained, clip_cache_dir=weights.clip_cache_dir,
+            val_images=val_images, eval_every=eval_every,
         )
         try:
             result = run_distill(cfg, progress=not quiet)
@@ -125,5 +138,7 @@ def distill(
     last_loss = f", last loss {result.losses[-1]:.4g}" if result.losses else ""
     info(f"{result.step}/{result.total} iterations (epoch {result.epoch}){last_loss}; teacher embedded "
          f"{result.teacher_computed} new image(s); resume state: {result.last}", quiet)
+    if env.rank == 0:
+        report_training(out, result.evals, plot, quiet)
     if env.rank == 0:
         typer.echo(str(result.distilled))

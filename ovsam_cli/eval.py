@@ -77,9 +77,6 @@ class PromptName(str, Enum):
     point = "point"
 
 
-# The prompt protocol runs SAM's own two-step mask post-processing (upsample to 1024, crop the
-# padding, resize to the image), as the published numbers were made.
-PROMPT_MASK_POSTPROCESS = "exact"
 
 
 def _render(header: list[str], rows: list[list[str]], title: str, notes: list[str], to_stdout: bool) -> None:
@@ -139,7 +136,7 @@ def _run_prompt(
 ) -> tuple[list[PromptResult], dict]:
     from ovsam_model.builder import build_predictor
     from ovsam_model.eval.detector import load_ground_truth
-    from ovsam_model.eval.prompt import evaluate_prompts
+    from ovsam_model.eval.prompt import PUBLISHED_MASK_POSTPROCESS, evaluate_prompts
     from ovsam_model.vocab import vocabulary_from_categories
 
     gt = load_ground_truth(ann)  # read once, shared by all models
@@ -155,7 +152,7 @@ def _run_prompt(
         # A fresh Vocabulary per model (a builder may attach a model's own embeddings to it).
         vocabulary = vocab if vocab is not None else vocabulary_from_categories(categories, name=f"--ann {ann.name}")
         predictor = build_predictor(name, vocab=vocabulary, names_file=vocab_names, device=device, progress=progress,
-                                    mask_postprocess=PROMPT_MASK_POSTPROCESS, roi_box=roi_box, **build_kwargs)
+                                    mask_postprocess=PUBLISHED_MASK_POSTPROCESS, roi_box=roi_box, **build_kwargs)
         result = evaluate_prompts(predictor, gt, images, prompt=prompt, dataset=dataset,  # type: ignore[arg-type]
                                   batch_size=batch_size, max_images=max_images, progress=progress,
                                   model_name=name)
@@ -170,7 +167,7 @@ def _run_prompt(
         "settings": {"dataset": dataset, "prompt": prompt, "ann": str(ann), "ann_sha256": sha256_of(ann),
                      "images": str(images), "vocab": vocab if vocab is not None else "ann categories",
                      "vocab_names": str(vocab_names) if vocab_names else None,
-                     "mask_postprocess": PROMPT_MASK_POSTPROCESS, "roi_box": roi_box,
+                     "mask_postprocess": PUBLISHED_MASK_POSTPROCESS, "roi_box": roi_box,
                      "batch_size": batch_size, "max_images": max_images,
                      "device": device, "random_weights": bool(build_kwargs.get("random_weights"))},
         "models": entries,

@@ -22,16 +22,19 @@ from ovsam_cli.common import (
     ClipWeightsOpt,
     DeviceOpt,
     EpochsOpt,
+    EvalEveryOpt,
     GradClipOpt,
     LrOpt,
     MaxItersOpt,
     OfflineOpt,
+    PlotOpt,
     QuietOpt,
     ResumeOpt,
     SaveEveryOpt,
     SeedOpt,
     WorkersOpt,
     info,
+    report_training,
     resolve_device,
     user_errors,
     weight_options,
@@ -61,9 +64,17 @@ def finetune(
     ann: Annotated[Path, typer.Option("--ann", dir_okay=False, help="COCO or LVIS instances JSON (training ground truth).")],
     images: Annotated[Path, typer.Option("--images", file_okay=False, help="Folder holding the JSON's images (file_name).")],
     out: Annotated[Path, typer.Option("--out", file_okay=False,
-                                      help="Output folder: last.pth (for --resume) and clip2sam_finetuned.pth (released clip2sam layout).")],
+                                      help="Output folder: last.pth (for --resume), clip2sam_finetuned.pth (released clip2sam layout), metrics.jsonl (one line per iteration), config.json (options, versions, weights' sha256, commit).")],
     dataset: Annotated[Dataset, typer.Option("--dataset", help="coco: the 48 base classes; lvis: frequent + common (rare removed).")] = Dataset.coco,
-    model: Annotated[str, typer.Option("--model", help="An OVSAM registry name (its CLIP, adapter, prompt encoder are frozen); tiny for smoke tests.")] = "ovsam-rn50x16-coco",
+    model: Annotated[str, typer.Option("--model", help="An OVSAM registry name (its CLIP, adapter, prompt encoder are frozen); tiny for smoke tests, tiny-256 for small runs that learn on a CPU.")] = "ovsam-rn50x16-coco",
+    val_ann: Annotated[Optional[Path], typer.Option(
+        "--val-ann", dir_okay=False,
+        help="Held-out COCO/LVIS JSON: the prompt protocol of `ovsam eval` (a GT box per instance; mask IoU and "
+             "top-1 accuracy, base and novel) every --eval-every iterations.")] = None,
+    val_images: Annotated[Optional[Path], typer.Option(
+        "--val-images", file_okay=False, help="Folder of --val-ann's images (default: --images).")] = None,
+    eval_every: EvalEveryOpt = 500,
+    plot: PlotOpt = False,
     epochs: EpochsOpt = 12,
     batch_size: BatchSizeOpt = 16,
     lr: LrOpt = 1e-4,
@@ -101,6 +112,12 @@ def finetune(
             raise CliError(f"--ann {ann}: no such file")
         if not images.is_dir():
             raise CliError(f"--images {images}: no such folder")
+        if val_ann is not None and not val_ann.is_file():
+            raise CliError(f"--val-ann {val_ann}: no such file")
+        if val_images is not None and val_ann is None:
+            raise CliError("--val-images needs --val-ann (the held-out annotations)")
+        if val_images is not None and not val_images.is_dir():
+            raise CliError(f"--val-images {val_images}: no such folder")
         steps = _milestones(milestones)
         ratio = None if resize_min is None else (resize_min, resize_max)
         if ratio is None and resize_max != 2.0:
@@ -137,6 +154,7 @@ def finetune(
             weights={c: p for c, p in weights.paths.items() if c != "sam_decoder"},
             sam_decoder=weights.paths.get("sam_decoder"), clip_pretrained=weights.clip_pretrained,
             clip_cache_dir=weights.clip_cache_dir, clip_tag=weights.clip_identity, cache_dir=resolve_cache_dir(cache_dir),
+            val_ann=val_ann, val_images=val_images, eval_every=eval_every,
         )
         try:
             result = run_finetune(cfg, progress=not quiet)
@@ -150,5 +168,7 @@ def finetune(
                  f"dice {last['dice']:.3g})") if last else ""
     info(f"{result.step}/{result.total} iterations (epoch {result.epoch}) on {result.images} image(s){last_loss}; "
          f"resume state: {result.last}", quiet)
+    if env.rank == 0:
+        report_training(out, result.evals, plot, quiet)
     if env.rank == 0:
         typer.echo(str(result.finetuned))

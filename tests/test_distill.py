@@ -45,7 +45,7 @@ def image_dir(tmp_path_factory, request) -> Path:
 
 
 def _cfg(images: Path, out: Path, **kw) -> D.DistillConfig:
-    base = dict(model="tiny", teacher="tiny", batch_size=2, epochs=1, lr=1e-3, warmup_iters=1, workers=0,
+    base = dict(model="tiny-256", teacher="tiny", batch_size=2, epochs=1, lr=1e-3, warmup_iters=1, workers=0,
                 save_every=0, seed=0)
     base.update(kw)
     return D.DistillConfig(images=images, out=out, **base)
@@ -78,13 +78,13 @@ def test_teacher_runs_once_per_image_and_cache_is_reused(trained, image_dir, tmp
     files = sorted((out / "teacher_cache").glob("*.pt"))
     assert len(files) == 2
     emb = torch.load(files[0], weights_only=True)
-    assert emb.dtype == torch.float16 and tuple(emb.shape) == (32, 64, 64)
-    # the cached embedding is the teacher's output on the padded 1024 input
-    teacher, _ = build_teacher("tiny", tiny_dims=TINY_DIMS)
-    cache = D.TeacherCache(out / "teacher_cache", D.teacher_identity("tiny", tiny_dims=TINY_DIMS))
+    assert emb.dtype == torch.float16 and tuple(emb.shape) == (32, 16, 16)
+    # the cached embedding is the teacher's output on the padded 256 input (tiny-256)
+    teacher, _ = build_teacher("tiny", image_size=256, tiny_dims=TINY_DIMS)
+    cache = D.TeacherCache(out / "teacher_cache", D.teacher_identity("tiny", tiny_dims=TINY_DIMS), 256)
     img = D.find_images(image_dir)[0]
     with torch.no_grad():
-        ref = teacher(D.load_pixels(img, 1024, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))[None])[0]
+        ref = teacher(D.load_pixels(img, 256, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))[None])[0]
     torch.testing.assert_close(cache.load(img), ref, atol=2e-3, rtol=2e-3)
     # another run with the same cache: no teacher forward, files untouched
     mtimes = [f.stat().st_mtime_ns for f in files]
@@ -142,7 +142,7 @@ def test_no_decay_on_norms_biases_level_embedding_and_pos_embed_not_trained():
 
 def test_pos_embed_copied_from_teacher_and_kept_fixed(trained):
     out, result, _ = trained
-    teacher, _ = build_teacher("tiny", tiny_dims=TINY_DIMS)
+    teacher, _ = build_teacher("tiny", image_size=256, tiny_dims=TINY_DIMS)
     state = torch.load(out / D.LAST, weights_only=False)
     assert teacher.pos_embed.abs().sum() > 0
     assert torch.equal(state["adapter"]["pos_embed"], teacher.pos_embed.detach())
@@ -156,9 +156,9 @@ def test_official_layout_loads_strictly(trained):
     state = torch.load(out / D.LAST, weights_only=False)["adapter"]
     stripped = {k[len("neck_student."):]: v for k, v in payload.items()}
     assert stripped.keys() == state.keys() and all(torch.equal(stripped[k], state[k]) for k in state)
-    adapter = build_model("tiny", random_weights=True).adapter
+    adapter = build_model("tiny-256", random_weights=True).adapter
     adapter.load_state_dict(stripped, strict=True)
-    model = build_model("tiny", random_weights=True)
+    model = build_model("tiny-256", random_weights=True)
     load_weight_file(model, SAM2CLIP, out / D.DISTILLED)  # the loader `ovsam label --checkpoint sam2clip=` uses
     assert torch.equal(model.adapter.blocks[0].attn.qkv.weight, stripped["blocks.0.attn.qkv.weight"])
 
@@ -176,10 +176,10 @@ def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch):
     full = D.run_distill(_cfg(image_dir, tmp_path / "full", **kw), progress=False)
     orig = D._Trainer.train_step
 
-    def stop_after_3(self, pixels, target):
+    def stop_after_3(self, batch):
         if self.step == 3:
             raise KeyboardInterrupt
-        return orig(self, pixels, target)
+        return orig(self, batch)
 
     monkeypatch.setattr(D._Trainer, "train_step", stop_after_3)
     with pytest.raises(D.DistillInterrupted) as info:
@@ -202,8 +202,15 @@ def test_resume_matches_uninterrupted_run(image_dir, tmp_path, monkeypatch):
     step3 = cut_state["adapter"]
     moved = max((a["neck_student." + k] - v).abs().max().item() for k, v in step3.items())
     assert moved > 1e-4  # the last step (lr 2.6e-4) moved the weights well beyond the tolerance
-    with pytest.raises(D.DistillError, match="iterations"):  # other options: refused, not silently mixed
+    # the log holds every step once, across the interruption; last.pth loads without pickle
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert torch.load(tmp_path / "cut" / D.LAST, weights_only=True)["step"] == 4
+    # other options or another model: refused in one line naming what differs, not silently mixed
+    with pytest.raises(D.DistillError, match=r"other options: --epochs 2 \(now 3\)$"):
         D.run_distill(_cfg(image_dir, tmp_path / "cut", resume=True, batch_size=1, epochs=3), progress=False)
+    with pytest.raises(D.DistillError, match=r"--model tiny-256 \(now tiny\)"):
+        D.run_distill(_cfg(image_dir, tmp_path / "cut", resume=True, model="tiny", **kw), progress=False)
 
 
 # --- CLI ---------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ from ovsam_model.eval.report import PromptResult
 from ovsam_model.splits import coco_split_ids, lvis_split_ids
 from ovsam_model.types import Predictor, Prompts
 
+# The prompt protocol runs SAM's own two-step mask post-processing (upsample to the input size,
+# crop the padding, resize to the image), as the published numbers were made.
+PUBLISHED_MASK_POSTPROCESS = "exact"
+
 PromptType = Literal["box", "point"]
 Dataset = Literal["coco", "lvis"]
 

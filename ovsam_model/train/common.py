@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import abc
 import random
-from dataclasses import asdict
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..atomic import torch_save_atomic
 from ..runtime import DistEnv, autocast_context
+from .run_log import MetricsLog
 
 
 class TrainingInterrupted(Exception):
@@ -29,8 +33,15 @@ class TrainingInterrupted(Exception):
 
 
 def rng_state() -> dict:
-    """Every RNG a run draws from (torch, CUDA, numpy, python), for an exact --resume."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG a run draws from (torch, CUDA, numpy, python), for an exact --resume, as
+    tensors and plain containers (`last.pth` loads with `torch.load(weights_only=True)`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -38,8 +49,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -59,19 +72,84 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+# Options that may change between a run and its --resume (how it runs, not what it computes).
+RESUME_FREE = frozenset({
+    "resume", "device", "workers", "save_every", "eval_every", "val_images", "val_ann", "teacher_batch",
+    "teacher_cache", "clip_cache_dir", "cache_dir", "teacher_weights", "adapter_init", "sam_decoder", "weights",
+    "clip_pretrained", "clip_tag", "plot",
+})
+STATE_FORMAT = 2  # last.pth: tensors and plain containers only (weights_only=True)
+
+
+class ResumeError(ValueError):
+    """A `last.pth` that this run cannot continue from (one line, naming what differs)."""
+
+
+def option_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """`--option SAVED (now CURRENT)` for each run-defining option that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUME_FREE:
+            continue
+        old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if _jsonish(old) != _jsonish(new):
+            out.append(f"{option_name(key)} {_show(old)} (now {_show(new)})")
+    return out
+
+
+def _jsonish(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonish(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def read_resume_state(path: Path, current_config: dict) -> dict:
+    """`last.pth` loaded safely (`weights_only=True`) and checked against this run's options;
+    `ResumeError` in one line otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle refusals and corrupt files alike
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ResumeError(f"--resume: {path} is not a training state this version can load safely "
+                          f"({reason[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ResumeError(f"--resume: {path} was written by another version of ovsam (state format "
+                          f"{state.get('format', 1) if isinstance(state, dict) else '?'}, this one reads "
+                          f"{STATE_FORMAT}); start a new run")
+    differences = config_differences(state.get("config", {}), current_config)
+    if differences:
+        raise ResumeError(f"--resume: {path} was made with other options: {'; '.join(differences)}")
+    return state
+
+
 class ResumableTrainer(abc.ABC):
     """What the training loops share: the optimizer and scheduler of `trainable` (wrapped in DDP
-    under torchrun), the iteration counter, and rank-0 checkpoints: `last.pth` with everything
-    `--resume` needs, and the trained weights in the released layout (`official_name`).
+    under torchrun), the iteration counter, the loop itself (`fit`: metrics log, evals,
+    checkpoints, Ctrl-C), and rank-0 checkpoints: `last.pth` with everything `--resume` needs,
+    and the trained weights in the released layout (`official_name`).
 
-    Subclasses call `setup(...)`, define `saved_modules` (checkpoint key → module) and
-    `official_state()`, and may list config fields that are not saved in `config_exclude`.
+    Subclasses call `setup(...)`, define `saved_modules` (checkpoint key → module),
+    `official_state()` and `train_step(batch)`; `evaluate()` when they have a validation set;
+    and may list config fields that are not saved in `config_exclude`.
     """
 
     last_name = "last.pth"
     official_name: str
     saved_modules: dict[str, nn.Module]
     config_exclude: tuple[str, ...] = ()
+    interrupted: type[TrainingInterrupted] = TrainingInterrupted
 
     def setup(self, cfg: Any, device: torch.device, rank: int, world: int, iters_per_epoch: int, total: int,
               trainable: nn.Module, optimizer: torch.optim.Optimizer,
@@ -84,27 +162,49 @@ class ResumableTrainer(abc.ABC):
             ids = [device.index] if device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=ids)
         self.step = 0
+        self.extra: dict[str, Any] = {}  # plain figures kept in last.pth (e.g. eval references)
 
     def autocast(self):
         """bf16 autocast on CUDA when `cfg.amp` (the losses are computed in float32)."""
         return autocast_context(self.device, self.cfg.amp)
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        """Backward, clip (`cfg.grad_clip` > 0), step the optimizer and the per-iteration schedule."""
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """Backward, clip (`cfg.grad_clip` > 0), step the optimizer and the per-iteration schedule;
+        returns the gradient norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.cfg.grad_clip)
+        limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), limit)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        return float(norm)
+
+    @abc.abstractmethod
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One optimizer step; the loss terms (float, rank-local) with their sum under "loss",
+        and "grad_norm"."""
+
+    def batch_size_of(self, batch: Any) -> int:
+        return int(batch["pixels"].shape[0]) if isinstance(batch, dict) else int(batch[0].shape[0])
+
+    def evaluate(self) -> Optional[dict[str, float]]:
+        """The validation figures (every rank calls it), or None without a validation set."""
+        return None
 
     @abc.abstractmethod
     def official_state(self) -> dict[str, torch.Tensor]:
         """The trained weights in the released file layout (each loop has its own)."""
 
+    def run_config(self) -> dict:
+        """The options that define the run, as saved in last.pth and compared on --resume."""
+        from .run_log import plain_options
+
+        return plain_options(self.cfg, self.config_exclude)
+
     def state(self) -> dict:
         return {
+            "format": STATE_FORMAT,
             **{name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in self.saved_modules.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -112,8 +212,8 @@ class ResumableTrainer(abc.ABC):
             "epoch": self.step // self.ipe,
             "total": self.total,
             "rng": rng_state(),
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.cfg).items()
-                       if k not in self.config_exclude},
+            "config": self.run_config(),
+            "extra": dict(self.extra),
         }
 
     def load(self, state: dict) -> None:
@@ -122,7 +222,16 @@ class ResumableTrainer(abc.ABC):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self.extra = dict(state.get("extra", {}))
         set_rng_state(state["rng"])
+
+    def resume_from(self, path: Path) -> None:
+        """Load `last.pth` (checked: `read_resume_state`)."""
+        state = read_resume_state(path, self.run_config())
+        if state.get("total") != self.total:
+            raise ResumeError(f"--resume: {path} was made for {state.get('total')} iterations, these options give "
+                              f"{self.total} (use the same --epochs/--batch-size/--max-iters and data)")
+        self.load(state)
 
     def save(self) -> tuple[Path, Path]:
         """Rank 0 writes `last.pth` and the released-layout file atomically; returns both paths."""
@@ -132,3 +241,79 @@ class ResumableTrainer(abc.ABC):
             torch_save_atomic(self.state(), last)
             torch_save_atomic(self.official_state(), official)
         return last, official
+
+    def _global_terms(self, terms: dict[str, float], images: int) -> tuple[dict[str, float], int]:
+        """Loss terms averaged over the ranks (each rank's batch counts by its size) and the
+        images of the global batch."""
+        if self.world == 1:
+            return terms, images
+        names = sorted(terms)
+        packed = torch.tensor([terms[k] * images for k in names] + [float(images)], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            packed = packed.to(self.device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        total = float(packed[-1])
+        return {k: float(v) / total for k, v in zip(names, packed[:-1])}, int(total)
+
+    def fit(self, dataset: Any, sampler: Any, per_rank: int, *, desc: str, progress: bool,
+            collate_fn: Optional[Callable] = None, log: Optional[MetricsLog] = None) -> list[dict[str, float]]:
+        """Train from `self.step` to `self.total`: one metrics record per step (loss terms,
+        lr, grad_norm, images/s; `eval` every `cfg.eval_every` steps and at the end, and at step
+        0 before training), `last.pth` every `cfg.save_every` steps and at the end. Ctrl-C saves
+        and raises `self.interrupted`. Returns this run's records (rank 0's view)."""
+        log = log or MetricsLog(Path(self.cfg.out), enabled=False)
+        eval_every = int(getattr(self.cfg, "eval_every", 0) or 0)
+        records: list[dict[str, float]] = []
+        pending: Optional[dict] = None
+        bar = tqdm(total=self.total, initial=self.step, desc=desc, unit="it", file=sys.stderr,
+                   disable=not progress or self.rank != 0, dynamic_ncols=True)
+        try:
+            if self.step == 0 and not self.extra.get("step0_evaluated"):  # same answer on every rank
+                figures = self.evaluate()
+                if figures is not None:
+                    log.write({"step": 0, "epoch": 0, "eval": figures})
+                self.extra["step0_evaluated"] = True
+            tick = time.perf_counter()
+            while self.step < self.total:
+                epoch = self.step // self.ipe
+                sampler.set_epoch(epoch)
+                if hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch(epoch)
+                order = list(sampler)[(self.step - epoch * self.ipe) * per_rank:]
+                loader = DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=self.cfg.workers,
+                                    collate_fn=collate_fn, pin_memory=self.device.type == "cuda", drop_last=False)
+                for batch in loader:
+                    lr = self.scheduler.get_last_lr()[0]
+                    terms = self.train_step(batch)
+                    norm = terms.pop("grad_norm")
+                    terms, images = self._global_terms(terms, self.batch_size_of(batch))
+                    now = time.perf_counter()
+                    pending = {"step": self.step, "epoch": (self.step - 1) // self.ipe, **terms, "lr": lr,
+                               "grad_norm": norm, "images_per_s": images / max(now - tick, 1e-9)}
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()} | {"lr": f"{lr:.3g}", "epoch": epoch})
+                    if (eval_every > 0 and self.step % eval_every == 0) or self.step == self.total:
+                        figures = self.evaluate()
+                        if figures is not None:
+                            pending["eval"] = figures
+                    log.write(pending)
+                    records.append(pending)
+                    pending = None
+                    if self.cfg.save_every > 0 and self.step % self.cfg.save_every == 0 and self.step < self.total:
+                        self.save()
+                    tick = time.perf_counter()
+                    if self.step >= self.total:
+                        break
+        except KeyboardInterrupt:
+            bar.close()
+            if pending is not None:  # interrupted in the eval after a step: log the step without it
+                log.write(pending)
+            last, _ = self.save()
+            log.close()
+            raise self.interrupted(self.step, last) from None
+        bar.close()
+        self.save()
+        log.close()
+        barrier(self.world)
+        return records

@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
@@ -32,7 +33,8 @@ from ..modeling.ovsam import OVSAM
 from ..modeling.sam2clip import SAM2CLIPAdapter
 from ..registry import SAM2CLIP
 from ..transforms import prepare_image
-from .common import ResumableTrainer, TrainingInterrupted, barrier, dist_info
+from .common import ResumableTrainer, ResumeError, TrainingInterrupted, barrier, dist_info
+from .run_log import MetricsLog, read_metrics_lines, write_run_config
 from .schedule import build_optimizer, build_scheduler
 from .teacher_cache import TeacherCache, build_teacher, fill_cache, teacher_identity
 
@@ -83,6 +85,8 @@ class DistillConfig:
     clip_pretrained: Optional[str] = None
     clip_cache_dir: Optional[Path] = None
     teacher_batch: int = 4
+    val_images: Optional[Path] = None  # held-out images: MSE against the teacher while training
+    eval_every: int = 500  # with val_images: eval every N iterations (0: only at the start and end)
 
 
 @dataclass
@@ -90,7 +94,9 @@ class DistillResult:
     step: int  # iterations done in total (over all runs)
     total: int  # the schedule's horizon
     epoch: int
-    losses: list[float] = field(default_factory=list)  # this run's per-iteration losses (rank 0's batch)
+    losses: list[float] = field(default_factory=list)  # this run's per-iteration losses (mean over ranks)
+    records: list[dict] = field(default_factory=list)  # this run's metrics records (metrics.jsonl)
+    evals: list[dict] = field(default_factory=list)  # every eval record of the run's log, step 0 first
     teacher_computed: int = 0  # embeddings computed by the teacher in this run (this rank)
     last: Optional[Path] = None
     distilled: Optional[Path] = None
@@ -149,16 +155,18 @@ class _Trainer(ResumableTrainer):
     """Trains `model.adapter`; the frozen trunk runs under no_grad."""
 
     official_name = DISTILLED
+    interrupted = DistillInterrupted
 
     def __init__(self, cfg: DistillConfig, model: OVSAM, device: torch.device, rank: int, world: int,
-                 iters_per_epoch: int, total: int) -> None:
-        self.model, self.adapter = model, model.adapter
+                 iters_per_epoch: int, total: int, val: Optional["DistillValidation"] = None) -> None:
+        self.model, self.adapter, self.val = model, model.adapter, val
         self.saved_modules = {"adapter": self.adapter}
         optimizer = build_optimizer(self.adapter, cfg.lr, cfg.weight_decay, cfg.betas)
         self.setup(cfg, device, rank, world, iters_per_epoch, total, self.adapter, optimizer,
                    build_scheduler(optimizer, cfg.warmup_iters, total, cfg.min_lr_ratio))
 
-    def train_step(self, pixels: torch.Tensor, target: torch.Tensor) -> float:
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        pixels, target = batch
         pixels = pixels.to(self.device, non_blocking=True)
         target = target.to(self.device, non_blocking=True)
         with self.autocast():
@@ -166,11 +174,68 @@ class _Trainer(ResumableTrainer):
                 feats = self.model.trunk(pixels)
             pred = self.wrapped(feats)
         loss = F.mse_loss(pred.float(), target)
-        self.optimizer_step(loss)
-        return loss.item()
+        norm = self.optimizer_step(loss)
+        value = loss.item()
+        return {"loss": value, "mse": value, "grad_norm": norm}
+
+    def evaluate(self) -> Optional[dict[str, float]]:
+        if self.val is None:
+            return None
+        self.adapter.eval()
+        mse = self.val.mse(lambda pixels: self.adapter(self.model.trunk(pixels)), self.autocast)
+        self.adapter.train()
+        if "mse_untrained" not in self.extra:  # the first eval is the untrained student's (step 0)
+            self.extra["mse_untrained"] = mse
+        return {"mse": mse, "mse_untrained": self.extra["mse_untrained"], "mse_constant": self.val.constant_mse}
 
     def official_state(self) -> dict[str, torch.Tensor]:
         return official_state(self.adapter)
+
+
+class DistillValidation:
+    """Held-out images and their teacher embeddings (this rank's share), and the constant
+    predictor's figure: the teacher's mean embedding over the training images."""
+
+    def __init__(self, paths: list[Path], cache: TeacherCache, train_paths: list[Path], size: int, mean, std,
+                 device: torch.device, rank: int, world: int, batch_size: int) -> None:
+        self.data = DistillImages(paths[rank::world], cache, size, mean, std)
+        self.device, self.world, self.batch_size = device, world, batch_size
+        total = None
+        for p in train_paths:  # streamed: one embedding in memory at a time
+            e = cache.load(p).double()
+            total = e if total is None else total.add_(e)
+        self.mean_embedding = (total / len(train_paths)).float()
+        self.constant_mse = self._reduce(*self._constant_sums())
+
+    def _batches(self):
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=False, num_workers=0)
+
+    def _constant_sums(self) -> tuple[float, int]:
+        err, count = 0.0, 0
+        for _, target in self._batches():
+            err += float(((self.mean_embedding[None] - target) ** 2).double().sum())
+            count += target.numel()
+        return err, count
+
+    def _reduce(self, err: float, count: int) -> float:
+        if self.world > 1:
+            packed = torch.tensor([err, float(count)], dtype=torch.float64)
+            if dist.get_backend() == "nccl":
+                packed = packed.to(self.device)
+            dist.all_reduce(packed)
+            err, count = float(packed[0]), int(packed[1])
+        return err / max(count, 1)
+
+    @torch.no_grad()
+    def mse(self, student, autocast) -> float:
+        """Per-pixel MSE of `student(pixels)` against the teacher over the held-out images."""
+        err, count = 0.0, 0
+        for pixels, target in self._batches():
+            with autocast():
+                pred = student(pixels.to(self.device))
+            err += float(((pred.float().cpu() - target) ** 2).double().sum())
+            count += target.numel()
+        return self._reduce(err, count)
 
 
 def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
@@ -191,6 +256,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     if cfg.resume and not last_path.is_file():
         raise DistillError(f"--resume: no {last_path} to resume from")
     images = find_images(cfg.images)
+    val_images = find_images(cfg.val_images) if cfg.val_images is not None else []
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -200,13 +266,20 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     pre = spec.preprocessing
     size = spec.config.image_size
     result = DistillResult(step=0, total=0, epoch=0)
+    shared = {p.resolve() for p in images} & {p.resolve() for p in val_images}
+    if shared:
+        result.notes.append(f"{len(shared)} --val-images image(s) are also training images: "
+                            "the eval is not on held-out images")
 
-    # student (same random init on every rank: seeded)
+    # student: the random parts as every ovsam command builds them (seed 0), so that the
+    # distilled adapter works with the same CLIP trunk in `ovsam label --checkpoint sam2clip=...`
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_model(spec, random_weights=cfg.clip_pretrained is None, clip_pretrained=cfg.clip_pretrained,
-                        clip_cache_dir=cfg.clip_cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(spec, random_weights=cfg.clip_pretrained is None, clip_pretrained=cfg.clip_pretrained,
+                            clip_cache_dir=cfg.clip_cache_dir)
     if cfg.adapter_init is not None:
         load_weight_file(model, SAM2CLIP, cfg.adapter_init)
     model.trunk.lock()
@@ -230,14 +303,15 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         raise DistillError(str(e)) from e
     teacher_pos = None
     cache = TeacherCache(cache_root, identity, size)
-    need_teacher = (not cfg.resume) or any(not cache.has(p) for p in images)
+    every = images + [p for p in val_images if p.resolve() not in shared]
+    need_teacher = (not cfg.resume) or any(not cache.has(p) for p in every)
     if need_teacher:
         teacher, _ = build_teacher(cfg.teacher, image_size=size, **teacher_args)
         teacher.to(device)
         teacher_pos = teacher.pos_embed.detach().cpu() if teacher.pos_embed is not None else None
-        bar = tqdm(total=sum(not cache.has(p) for p in images), desc="teacher", unit="img", file=sys.stderr,
+        bar = tqdm(total=sum(not cache.has(p) for p in every), desc="teacher", unit="img", file=sys.stderr,
                    disable=not progress or rank != 0, leave=False)
-        result.teacher_computed = fill_cache(cache, images, teacher, lambda p: load_pixels(p, size, pre.mean, pre.std),
+        result.teacher_computed = fill_cache(cache, every, teacher, lambda p: load_pixels(p, size, pre.mean, pre.std),
                                              device=device, batch_size=cfg.teacher_batch, rank=rank,
                                              world_size=world, progress=bar.update)
         bar.close()
@@ -261,40 +335,23 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
     ipe = math.ceil(len(sampler) / per_rank)
     total = cfg.epochs * ipe if cfg.max_iters is None else min(cfg.epochs * ipe, cfg.max_iters)
-    trainer = _Trainer(cfg, model, device, rank, world, ipe, total)
+    val = (DistillValidation(val_images, cache, images, size, pre.mean, pre.std, device, rank, world, per_rank)
+           if val_images else None)
+    trainer = _Trainer(cfg, model, device, rank, world, ipe, total, val)
     if cfg.resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        if state.get("total") != total:
-            raise DistillError(f"--resume: {last_path} was made for {state.get('total')} iterations, these "
-                               f"options give {total} (use the same --epochs/--batch-size/--max-iters and images)")
-        trainer.load(state)
+        try:
+            trainer.resume_from(last_path)
+        except ResumeError as e:
+            raise DistillError(str(e)) from None
     model.adapter.train()
     result.total = total
-
-    bar = tqdm(total=total, initial=trainer.step, desc="distill", unit="it", file=sys.stderr,
-               disable=not progress or rank != 0, dynamic_ncols=True)
-    try:
-        while trainer.step < total:
-            epoch = trainer.step // ipe
-            sampler.set_epoch(epoch)
-            order = list(sampler)[(trainer.step - epoch * ipe) * per_rank:]
-            loader = DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=cfg.workers,
-                                pin_memory=device.type == "cuda", drop_last=False)
-            for pixels, target in loader:
-                loss = trainer.train_step(pixels, target)
-                result.losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}", lr=f"{trainer.scheduler.get_last_lr()[0]:.3g}", epoch=epoch)
-                if cfg.save_every > 0 and trainer.step % cfg.save_every == 0 and trainer.step < total:
-                    trainer.save()
-                if trainer.step >= total:
-                    break
-    except KeyboardInterrupt:
-        bar.close()
-        last, _ = trainer.save()
-        raise DistillInterrupted(trainer.step, last) from None
-    bar.close()
-    result.last, result.distilled = trainer.save()
-    barrier(world)
+    if rank == 0:
+        write_run_config(out, "distill", cfg, weights={"sam": cfg.teacher_weights, "sam2clip": cfg.adapter_init},
+                         world_size=world)
+    log = MetricsLog(out, enabled=rank == 0, resume_step=trainer.step if cfg.resume else None)
+    result.records = trainer.fit(dataset, sampler, per_rank, desc="distill", progress=progress, log=log)
+    result.losses = [r["loss"] for r in result.records]
+    result.evals = [r for r in (read_metrics_lines(log.path) if rank == 0 else result.records) if "eval" in r]
+    result.last, result.distilled = out / LAST, out / DISTILLED
     result.step, result.epoch = trainer.step, trainer.step // ipe
     return result

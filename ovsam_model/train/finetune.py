@@ -14,15 +14,15 @@ from) and `clip2sam_finetuned.pth` in the released `clip2sam_*.pth` layout.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
+from torch.utils.data import DistributedSampler
 
 from ..builder import build_model, resolve_spec
 from ..classify import add_background, class_logits, classification_loss
@@ -30,8 +30,10 @@ from ..modeling.clip2sam import CLIP2SAMFPN, multilevel_roi_align
 from ..checkpoint import read_checkpoint
 from ..modeling.decoder import OVSAMHead, one_token_state_from_sam
 from ..modeling.ovsam import OVSAM
-from ..vocab import text_embeddings
-from .common import ResumableTrainer, TrainingInterrupted, barrier, dist_info
+from ..eval.prompt import PUBLISHED_MASK_POSTPROCESS
+from ..vocab import load_vocabulary, seen_mask, text_embeddings, vocabulary_from_categories
+from .common import ResumableTrainer, ResumeError, TrainingInterrupted, dist_info
+from .run_log import MetricsLog, read_metrics_lines, write_run_config
 from .finetune_data import (
     Augment,
     FinetuneDataError,
@@ -41,7 +43,7 @@ from .finetune_data import (
     read_annotations,
     resize_ratio,
 )
-from .losses import mask_point_losses
+from .losses import point_losses, sample_mask_points
 from .schedule import build_optimizer
 
 LAST = "last.pth"
@@ -82,7 +84,7 @@ class FinetuneConfig:
     gamma: float = 0.1
     grad_clip: float = 0.01
     prompts_per_image: int = 40
-    num_points: int = 12544
+    num_points: Optional[int] = None  # None: 12,544 = 112² at 1024² inputs, scaled with the input area
     oversample: float = 3.0
     importance: float = 0.75
     ce_weight: float = 2.0
@@ -104,6 +106,9 @@ class FinetuneConfig:
     clip_cache_dir: Optional[Path] = None
     clip_tag: Optional[str] = None
     cache_dir: Optional[Path] = None  # text-embedding cache root
+    val_ann: Optional[Path] = None  # held-out COCO/LVIS JSON: the prompt protocol while training
+    val_images: Optional[Path] = None
+    eval_every: int = 500  # with val_ann: eval every N iterations (0: only at the start and end)
 
 
 @dataclass
@@ -112,7 +117,8 @@ class FinetuneResult:
     total: int  # the schedule's horizon
     epoch: int
     images: int = 0  # training images (with at least one usable instance)
-    losses: list[dict] = field(default_factory=list)  # this run's per-iteration losses (rank 0's batch)
+    losses: list[dict] = field(default_factory=list)  # this run's per-iteration loss terms (mean over ranks)
+    evals: list[dict] = field(default_factory=list)  # every eval record of the run's log, step 0 first
     last: Optional[Path] = None
     finetuned: Optional[Path] = None
 
@@ -163,15 +169,84 @@ class CLIP2SAMTrainable(nn.Module):
         return torch.cat(masks), region
 
 
+def num_points(cfg: FinetuneConfig, image_size: int) -> int:
+    """Mask-loss points per prompt: `cfg.num_points`, or 12,544 (112²) scaled with the input area."""
+    if cfg.num_points is not None:
+        return cfg.num_points
+    return round(112 * image_size / 1024) ** 2
+
+
+def point_seed(seed: int, step: int, index: int, kind: int) -> int:
+    """The mask-point seed of one image's box (kind 0) or point (kind 1) prompts at `step`."""
+    return int(np.random.SeedSequence([seed, step, index, kind]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class PromptValidation:
+    """The prompt protocol of `ovsam eval` (GT box per instance; mIoU and top-1 accuracy, base
+    and novel) on a held-out set, run on the model being trained: the same predictor settings
+    as `ovsam eval --protocol prompt`, so a final figure here equals that command's on the saved
+    file. Each rank evaluates every world-th image; the means are combined by instance counts."""
+
+    def __init__(self, model: OVSAM, spec, ann: Path, images: Path, dataset: str, device: torch.device,
+                 cache_dir: Optional[Path], rank: int, world: int) -> None:
+        from ..eval.detector import load_ground_truth
+
+        self.model, self.spec, self.images, self.dataset = model, spec, Path(images), dataset
+        self.device, self.cache_dir, self.world = device, cache_dir, world
+        gt = load_ground_truth(ann)
+        ids = sorted(int(im["id"]) for im in gt["images"])[rank::world]
+        mine = set(ids)
+        self.gt = {**gt, "images": [im for im in gt["images"] if int(im["id"]) in mine],
+                   "annotations": [a for a in gt["annotations"] if int(a["image_id"]) in mine]}
+        self.vocab = vocabulary_from_categories(gt["categories"], name=f"--val-ann {Path(ann).name}")
+        self._predictor = None
+
+    def predictor(self):
+        from ..predictor import OVSAMPredictor
+
+        if self._predictor is None:
+            embeds = text_embeddings(self.vocab, self.model.trunk, cache_dir=self.cache_dir)
+            seen = seen_mask(self.vocab, load_vocabulary(self.spec.train_vocabulary))
+            self._predictor = OVSAMPredictor(self.model, self.vocab, embeds, seen, device=self.device,
+                                             mask_postprocess=PUBLISHED_MASK_POSTPROCESS)
+        self._predictor.model.eval()
+        return self._predictor
+
+    @torch.no_grad()
+    def figures(self) -> dict[str, Optional[float]]:
+        from ..eval.prompt import evaluate_prompts
+
+        r = evaluate_prompts(self.predictor(), self.gt, self.images, prompt="box", dataset=self.dataset,
+                             progress=False)
+        groups = {"": (r.num_instances, r.miou, r.acc), "_base": (r.num_base, r.miou_base, r.acc_base),
+                  "_novel": (r.num_novel, r.miou_novel, r.acc_novel)}
+        packed = torch.tensor([x for n, iou, acc in groups.values() for x in (n, (iou or 0.0) * n, (acc or 0.0) * n)],
+                              dtype=torch.float64)
+        if self.world > 1:
+            if dist.get_backend() == "nccl":
+                packed = packed.to(self.device)
+            dist.all_reduce(packed)
+            packed = packed.cpu()
+        out: dict[str, Optional[float]] = {}
+        for i, suffix in enumerate(groups):
+            n, iou, acc = (float(v) for v in packed[3 * i : 3 * i + 3])
+            out[f"iou{suffix}"] = iou / n if n else None
+            out[f"acc{suffix}"] = acc / n if n else None
+        return out
+
+
 class _Trainer(ResumableTrainer):
     """Trains the FPN and head (`CLIP2SAMTrainable`); CLIP, adapter and prompt encoder run under no_grad."""
 
     official_name = FINETUNED
     config_exclude = ("weights",)
+    interrupted = FinetuneInterrupted
 
     def __init__(self, cfg: FinetuneConfig, model: OVSAM, class_embeds: torch.Tensor, device: torch.device,
-                 rank: int, world: int, iters_per_epoch: int, total: int) -> None:
-        self.model = model
+                 rank: int, world: int, iters_per_epoch: int, total: int,
+                 val: Optional[PromptValidation] = None) -> None:
+        self.model, self.val = model, val
+        self.num_points = num_points(cfg, model.cfg.image_size)
         self.class_embeds = add_background(class_embeds).to(device)
         self.saved_modules = {"fpn": model.fpn, "head": model.head}
         trainable = CLIP2SAMTrainable(model.fpn, model.head, model.cfg.roi_size, model.cfg.finest_scale)
@@ -189,7 +264,7 @@ class _Trainer(ResumableTrainer):
             with torch.no_grad():
                 clip_feats = model.trunk(pixels)
                 embeddings = model.adapter(clip_feats)
-                groups, targets, labels = [], [], []
+                groups, targets, labels, kinds = [], [], [], []
                 image_pe = None
                 for b in range(pixels.shape[0]):
                     is_box = batch["is_box"][b].to(self.device)
@@ -208,14 +283,23 @@ class _Trainer(ResumableTrainer):
                             sparse, dense, image_pe = model.encode_prompts(
                                 None, pts, torch.ones(pts.shape[:2], dtype=torch.long, device=self.device))
                         groups.append((b, sparse, dense, boxes[sel]))
+                        kinds.append(0 if use_box else 1)
                         targets.append(masks[inst[sel]])
                         labels.append(cls[inst[sel]])
             mask_logits, region = self.wrapped(clip_feats, embeddings, image_pe, groups)
-        gt = torch.cat(targets)[:, None]  # [N, 1, S, S] bool
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(cfg.seed * 1_000_003 + self.step * self.world + self.rank)  # resumable
-        bce, dice = mask_point_losses(mask_logits.float(), gt, cfg.num_points, cfg.oversample, cfg.importance,
-                                      generator=gen)
+        # Mask points drawn per image from (seed, step, dataset index): resumable, and the same
+        # whichever process a batch image lands on, so that N processes train as one.
+        preds, point_targets, start = [], [], 0
+        for (b, *_), kind, target in zip(groups, kinds, targets):
+            n = target.shape[0]
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(point_seed(cfg.seed, self.step, int(batch["index"][b]), kind))
+            pred, tgt = sample_mask_points(mask_logits[start : start + n].float(), target[:, None], self.num_points,
+                                           cfg.oversample, cfg.importance, generator=gen)
+            preds.append(pred)
+            point_targets.append(tgt)
+            start += n
+        bce, dice = point_losses(torch.cat(preds), torch.cat(point_targets))
         logits = class_logits(region.float(), self.class_embeds)
         ce = classification_loss(logits, torch.cat(labels), cfg.bg_weight)
         terms = {"ce": cfg.ce_weight * ce, "bce": cfg.bce_weight * bce, "dice": cfg.dice_weight * dice}
@@ -224,8 +308,16 @@ class _Trainer(ResumableTrainer):
 
     def train_step(self, batch: dict) -> dict[str, float]:
         terms = self.losses(batch)
-        self.optimizer_step(terms["loss"])
-        return {k: v.item() for k, v in terms.items()}
+        norm = self.optimizer_step(terms["loss"])
+        return {**{k: v.item() for k, v in terms.items()}, "grad_norm": norm}
+
+    def evaluate(self) -> Optional[dict[str, Optional[float]]]:
+        if self.val is None:
+            return None
+        figures = self.val.figures()
+        self.model.eval()
+        self.trainable.train()
+        return figures
 
     def official_state(self) -> dict[str, torch.Tensor]:
         return official_state(self.model.fpn, self.model.head)
@@ -242,15 +334,25 @@ def _check(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"annotations not found: {cfg.ann}")
     if not Path(cfg.images).is_dir():
         raise FinetuneError(f"images folder not found: {cfg.images}")
+    if cfg.val_images is not None and cfg.val_ann is None:
+        raise FinetuneError("--val-images needs --val-ann (the held-out annotations)")
+    if cfg.val_ann is not None and not Path(cfg.val_ann).is_file():
+        raise FinetuneError(f"--val-ann {cfg.val_ann}: no such file")
+    if cfg.val_images is not None and not Path(cfg.val_images).is_dir():
+        raise FinetuneError(f"--val-images {cfg.val_images}: no such folder")
+    if cfg.eval_every < 0:
+        raise FinetuneError("--eval-every must be 0 or more")
 
 
 def build_finetune_model(cfg: FinetuneConfig) -> OVSAM:
-    """The model with `cfg.weights` loaded, frozen for finetuning (same init on every rank: seeded)."""
+    """The model with `cfg.weights` loaded, frozen for finetuning. Its random parts are built as
+    every ovsam command builds them (seed 0, the same on every rank), so that the step-0 model is
+    `ovsam eval --model NAME`'s, and a finetuned file meets the same frozen parts there."""
     spec = resolve_spec(cfg.model)
     if spec.kind != "ovsam":
         raise FinetuneError(f"{cfg.model} is a baseline; finetuning needs an OVSAM model")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(0)
         model = build_model(spec, weights=dict(cfg.weights), random_weights=cfg.clip_pretrained is None,
                             clip_pretrained=cfg.clip_pretrained, clip_cache_dir=cfg.clip_cache_dir)
     if cfg.sam_decoder is not None and "clip2sam" not in cfg.weights:
@@ -315,47 +417,31 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
     ipe = math.ceil(len(sampler) / per_rank)
     total = cfg.epochs * ipe if cfg.max_iters is None else min(cfg.epochs * ipe, cfg.max_iters)
-    trainer = _Trainer(cfg, model, class_embeds, device, rank, world, ipe, total)
+    val = None
+    if cfg.val_ann is not None:
+        val = PromptValidation(model, spec, cfg.val_ann, cfg.val_images or cfg.images, cfg.dataset, device,
+                               cfg.cache_dir, rank, world)
+    trainer = _Trainer(cfg, model, class_embeds, device, rank, world, ipe, total, val)
     if cfg.resume:
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        if state.get("total") != total:
-            raise FinetuneError(f"--resume: {last_path} was made for {state.get('total')} iterations, these "
-                                f"options give {total} (use the same --epochs/--batch-size/--max-iters and data)")
-        trainer.load(state)
+        try:
+            trainer.resume_from(last_path)
+        except ResumeError as e:
+            raise FinetuneError(str(e)) from None
     model.eval()
     trainer.trainable.train()
     result = FinetuneResult(step=0, total=total, epoch=0, images=len(images))
-
-    bar = tqdm(total=total, initial=trainer.step, desc="finetune", unit="it", file=sys.stderr,
-               disable=not progress or rank != 0, dynamic_ncols=True)
+    if rank == 0:
+        write_run_config(out, "finetune", cfg, weights={**cfg.weights, "sam_decoder": cfg.sam_decoder},
+                         world_size=world)
+    log = MetricsLog(out, enabled=rank == 0, resume_step=trainer.step if cfg.resume else None)
     try:
-        while trainer.step < total:
-            epoch = trainer.step // ipe
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            order = list(sampler)[(trainer.step - epoch * ipe) * per_rank:]
-            loader = DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=cfg.workers,
-                                collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False)
-            for batch in loader:
-                terms = trainer.train_step(batch)
-                result.losses.append(terms)
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4g}", ce=f"{terms['ce']:.3g}", bce=f"{terms['bce']:.3g}",
-                                dice=f"{terms['dice']:.3g}", lr=f"{trainer.scheduler.get_last_lr()[0]:.3g}",
-                                epoch=epoch)
-                if cfg.save_every > 0 and trainer.step % cfg.save_every == 0 and trainer.step < total:
-                    trainer.save()
-                if trainer.step >= total:
-                    break
-    except KeyboardInterrupt:
-        bar.close()
-        last, _ = trainer.save()
-        raise FinetuneInterrupted(trainer.step, last) from None
+        records = trainer.fit(dataset, sampler, per_rank, desc="finetune", progress=progress, collate_fn=collate,
+                              log=log)
     except FinetuneDataError as e:
-        bar.close()
         raise FinetuneError(str(e)) from e
-    bar.close()
-    result.last, result.finetuned = trainer.save()
-    barrier(world)
+    keys = ("loss", "ce", "bce", "dice")
+    result.losses = [{k: r[k] for k in keys} for r in records]
+    result.evals = [r for r in (read_metrics_lines(log.path) if rank == 0 else records) if "eval" in r]
+    result.last, result.finetuned = out / LAST, out / FINETUNED
     result.step, result.epoch = trainer.step, trainer.step // ipe
     return result

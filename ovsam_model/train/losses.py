@@ -52,6 +52,26 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> 
     return (1.0 - dice).mean()
 
 
+def sample_mask_points(mask_logits: torch.Tensor, gt_masks: torch.Tensor, num_points: int = 12544,
+                       oversample: float = 3.0, importance: float = 0.75,
+                       generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, P], targets [N, P]) of mask_logits [N, 1, h, w] and gt_masks [N, 1, H, W] (0/1)
+    read at the same uncertainty-sampled points of the square frame."""
+    points = uncertain_points(mask_logits, num_points, oversample, importance, generator)
+    pred = point_sample(mask_logits.float(), points)[:, 0]
+    with torch.no_grad():
+        target = point_sample(gt_masks.float(), points)[:, 0]
+    return pred, target
+
+
+def point_losses(pred: torch.Tensor, target: torch.Tensor, dice_eps: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(BCE, Dice) of sampled logits [N, P] against targets [N, P] (both unweighted, float32)."""
+    if pred.shape[0] == 0:
+        zero = pred.sum() * 0.0
+        return zero, zero
+    return sigmoid_bce(pred, target), dice_loss(pred, target, dice_eps)
+
+
 def mask_point_losses(mask_logits: torch.Tensor, gt_masks: torch.Tensor, num_points: int = 12544,
                       oversample: float = 3.0, importance: float = 0.75, dice_eps: float = 1.0,
                       generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +80,5 @@ def mask_point_losses(mask_logits: torch.Tensor, gt_masks: torch.Tensor, num_poi
     if mask_logits.shape[0] == 0:
         zero = mask_logits.sum() * 0.0
         return zero, zero
-    points = uncertain_points(mask_logits, num_points, oversample, importance, generator)
-    pred = point_sample(mask_logits.float(), points)[:, 0]
-    with torch.no_grad():
-        target = point_sample(gt_masks.float(), points)[:, 0]
-    return sigmoid_bce(pred, target), dice_loss(pred, target, dice_eps)
+    pred, target = sample_mask_points(mask_logits, gt_masks, num_points, oversample, importance, generator)
+    return point_losses(pred, target, dice_eps)

@@ -1,0 +1,166 @@
+"""What a training run leaves for people and plots: `OUT/metrics.jsonl` and `OUT/config.json`.
+
+metrics.jsonl is append-only, one JSON object per logged step, fsynced line by line: `step`
+(iterations done), `epoch`, the loss and its terms, `lr`, `grad_norm`, `images_per_s`, and on
+eval steps `eval` (name → figure). A step-0 line holds the eval before training. A crash can
+leave a truncated last line, which readers skip; `--resume` from `last.pth` at step k keeps the
+lines of steps ≤ k (the later ones are recomputed), so every step appears exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+from dataclasses import asdict, is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ..atomic import atomic_path, write_json_atomic
+
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+VERSIONED = ("torch", "torchvision", "open_clip_torch", "segment-anything", "numpy", "ovsam")
+
+
+def read_metrics_lines(path: Path) -> list[dict]:
+    """The complete records of a metrics log (a truncated or malformed last line is dropped:
+    the line a crash cut off). A malformed line before the last raises ValueError naming it."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as e:
+            if i == len(lines):
+                break
+            raise ValueError(f"{path}: line {i} is not a metrics record ({e})") from None
+        out.append(record)
+    return out
+
+
+class MetricsLog:
+    """Rank 0's metrics log of one run (the other ranks get a log that writes nothing).
+
+    `resume_step`: None starts a new log (an older one in the folder is replaced); k keeps the
+    records of steps ≤ k, one per step, and appends after them."""
+
+    def __init__(self, out: Path, *, enabled: bool = True, resume_step: Optional[int] = None) -> None:
+        self.path = Path(out) / METRICS
+        self.enabled = enabled
+        self._file = None
+        self.steps: set[int] = set()  # the steps the log holds
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: dict[int, dict] = {}
+        if resume_step is not None and self.path.is_file():
+            for record in read_metrics_lines(self.path):
+                if record["step"] <= resume_step:
+                    kept[record["step"]] = {**kept.get(record["step"], {}), **record}
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(_line(kept[s]) for s in sorted(kept)), encoding="utf-8")
+        self.steps = set(kept)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self._file is None:
+            return
+        self.steps.add(int(record["step"]))
+        self._file.write(_line(record))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _line(record: Mapping[str, Any]) -> str:
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
+def json_safe(value: Any) -> Any:
+    """Floats rounded to 7 significant digits, NaN/inf → None (JSON has neither: a diverged
+    loss is logged as null), containers recursively."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}") if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def plain_options(cfg: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A run config (dataclass) as JSON values: paths as strings, tuples as lists."""
+    items = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+    return {k: _plain(v) for k, v in items.items() if k not in exclude}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def source_commit() -> Optional[str]:
+    """The git commit of the ovsam source tree, when it runs from a checkout (else None)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def write_run_config(out: Path, command: str, cfg: Any, *, weights: Mapping[str, Optional[Path]],
+                     world_size: int = 1, extra: Optional[Mapping[str, Any]] = None,
+                     exclude: tuple[str, ...] = ()) -> Path:
+    """`OUT/config.json`: every option, the versions, the weight files with their sha256, the
+    commit. Rewritten by each (resumed) run of the same folder; written atomically."""
+    from ..weights import sha256_of
+
+    path = Path(out) / CONFIG
+    record = {
+        "command": command,
+        "model": getattr(cfg, "model", None),
+        "options": plain_options(cfg, exclude),
+        "weights": {name: {"path": str(p), "sha256": sha256_of(Path(p))} for name, p in weights.items()
+                    if p is not None},
+        "versions": package_versions(),
+        "commit": source_commit(),
+        "world_size": world_size,
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **dict(extra or {}),
+    }
+    write_json_atomic(path, record, indent=2)
+    return path
