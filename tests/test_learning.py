@@ -84,17 +84,18 @@ def _prompt_eval(ann: Path, images: Path, out: Path, checkpoint: Path | None) ->
 
 
 def test_finetune_learns_labels_and_its_file_evaluates_the_same(mini, tmp_path):
-    """The recipe's run: top-1 accuracy on the training images at least doubles from the step-0
-    model, and `ovsam eval` on the saved file repeats the run's final held-out figures. Mask IoU
-    is not asserted: the tiny decoder, trained from random weights for 180 iterations, does not
-    learn masks yet (issue 9 stays open on it); the log shows it."""
+    """The recipe's run: held-out mask IoU and accuracy end above their step-0 values, top-1
+    accuracy on the training images at least doubles, and `ovsam eval` on the saved file repeats
+    the run's final held-out figures. (IoU ≥ 0.6 on the training images is not reached at this
+    scale: issue 9 stays open on it.)"""
     images, _ = mini
     out = tmp_path / "finetune"
     _recipe("tiny_finetune.sh", *mini, out)
-    evals = _check_run_outputs(out, "finetune", 180)
+    evals = _check_run_outputs(out, "finetune", 400)
     first, last = evals[0]["eval"], evals[-1]["eval"]
-    assert [e["step"] for e in evals] == [0, 60, 120, 180]
+    assert [e["step"] for e in evals] == [0, 100, 200, 300, 400]
     assert last["acc"] > first["acc"], (first, last)  # held-out labels better than at step 0
+    assert last["iou"] > first["iou"], (first, last)  # and held-out masks
 
     split, weights = out / "split", out / "clip2sam_finetuned.pth"
     # `ovsam eval` on the saved file reports the run's final held-out figures
