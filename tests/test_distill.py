@@ -255,3 +255,17 @@ def test_cli_user_errors(case, tmp_path):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], result.stderr
+
+
+def test_a_second_run_on_the_same_folder_stops_at_once(image_dir, tmp_path):
+    from ovsam_model.train.run_log import claim_run_folder
+
+    out = tmp_path / "busy"
+    held = claim_run_folder(out)  # as a first run does for its whole life
+    try:
+        with pytest.raises(D.DistillError, match=rf"{out} is being written by another training run \(pid {os.getpid()}"):
+            D.run_distill(_cfg(image_dir, out, max_iters=1), progress=False)
+        assert not (out / D.LAST).exists() and not (out / "metrics.jsonl").exists()
+    finally:
+        held.close()
+    assert D.run_distill(_cfg(image_dir, out, max_iters=1), progress=False).step == 1  # free once released

@@ -115,6 +115,13 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def run_config(cfg: Any, exclude: tuple[str, ...] = ()) -> dict:
+    """A run's options as saved in last.pth and compared on --resume."""
+    from .run_log import plain_options
+
+    return plain_options(cfg, exclude)
+
+
 def read_resume_state(path: Path, current_config: dict) -> dict:
     """`last.pth` loaded safely (`weights_only=True`) and checked against this run's options;
     `ResumeError` in one line otherwise."""
@@ -198,9 +205,7 @@ class ResumableTrainer(abc.ABC):
 
     def run_config(self) -> dict:
         """The options that define the run, as saved in last.pth and compared on --resume."""
-        from .run_log import plain_options
-
-        return plain_options(self.cfg, self.config_exclude)
+        return run_config(self.cfg, self.config_exclude)
 
     def state(self) -> dict:
         return {
@@ -225,9 +230,8 @@ class ResumableTrainer(abc.ABC):
         self.extra = dict(state.get("extra", {}))
         set_rng_state(state["rng"])
 
-    def resume_from(self, path: Path) -> None:
-        """Load `last.pth` (checked: `read_resume_state`)."""
-        state = read_resume_state(path, self.run_config())
+    def resume_from(self, path: Path, state: dict) -> None:
+        """Load the state read from `path` by `read_resume_state` (options already checked)."""
         if state.get("total") != self.total:
             raise ResumeError(f"--resume: {path} was made for {state.get('total')} iterations, these options give "
                               f"{self.total} (use the same --epochs/--batch-size/--max-iters and data)")

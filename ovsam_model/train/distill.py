@@ -33,8 +33,16 @@ from ..modeling.ovsam import OVSAM
 from ..modeling.sam2clip import SAM2CLIPAdapter
 from ..registry import SAM2CLIP
 from ..transforms import prepare_image
-from .common import ResumableTrainer, ResumeError, TrainingInterrupted, barrier, dist_info
-from .run_log import MetricsLog, read_metrics_lines, write_run_config
+from .common import (
+    ResumableTrainer,
+    ResumeError,
+    TrainingInterrupted,
+    barrier,
+    dist_info,
+    read_resume_state,
+    run_config,
+)
+from .run_log import MetricsLog, RunFolderBusy, claim_run_folder, read_metrics_lines, write_run_config
 from .schedule import build_optimizer, build_scheduler
 from .teacher_cache import TeacherCache, build_teacher, fill_cache, teacher_identity
 
@@ -255,6 +263,24 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     last_path = out / LAST
     if cfg.resume and not last_path.is_file():
         raise DistillError(f"--resume: no {last_path} to resume from")
+    try:  # the options are checked before any work (the teacher, the model) is done
+        state = read_resume_state(last_path, run_config(cfg, _Trainer.config_exclude)) if cfg.resume else None
+    except ResumeError as e:
+        raise DistillError(str(e)) from None
+    try:  # a second run on the same folder stops here; released however this run ends
+        folder_lock = claim_run_folder(out) if rank == 0 else None
+    except RunFolderBusy as e:
+        raise DistillError(str(e)) from None
+    try:
+        return _run_distill(cfg, progress, rank, world, per_rank, out, last_path, state)
+    finally:
+        if folder_lock is not None:
+            folder_lock.close()
+
+
+def _run_distill(cfg: DistillConfig, progress: bool, rank: int, world: int, per_rank: int, out: Path,
+                 last_path: Path, state: Optional[dict]) -> DistillResult:
+    """`run_distill` after its checks, with the output folder locked."""
     images = find_images(cfg.images)
     val_images = find_images(cfg.val_images) if cfg.val_images is not None else []
     device = torch.device(cfg.device)
@@ -340,7 +366,7 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
     trainer = _Trainer(cfg, model, device, rank, world, ipe, total, val)
     if cfg.resume:
         try:
-            trainer.resume_from(last_path)
+            trainer.resume_from(last_path, state)
         except ResumeError as e:
             raise DistillError(str(e)) from None
     model.adapter.train()

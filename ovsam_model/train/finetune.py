@@ -32,8 +32,15 @@ from ..modeling.decoder import OVSAMHead, one_token_state_from_sam
 from ..modeling.ovsam import OVSAM
 from ..eval.prompt import PUBLISHED_MASK_POSTPROCESS
 from ..vocab import load_vocabulary, seen_mask, text_embeddings, vocabulary_from_categories
-from .common import ResumableTrainer, ResumeError, TrainingInterrupted, dist_info
-from .run_log import MetricsLog, read_metrics_lines, write_run_config
+from .common import (
+    ResumableTrainer,
+    ResumeError,
+    TrainingInterrupted,
+    dist_info,
+    read_resume_state,
+    run_config,
+)
+from .run_log import MetricsLog, RunFolderBusy, claim_run_folder, read_metrics_lines, write_run_config
 from .finetune_data import (
     Augment,
     FinetuneDataError,
@@ -392,6 +399,24 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     last_path = out / LAST
     if cfg.resume and not last_path.is_file():
         raise FinetuneError(f"--resume: no {last_path} to resume from")
+    try:  # the options are checked before any work (the teacher, the model) is done
+        state = read_resume_state(last_path, run_config(cfg, _Trainer.config_exclude)) if cfg.resume else None
+    except ResumeError as e:
+        raise FinetuneError(str(e)) from None
+    try:  # a second run on the same folder stops here; released however this run ends
+        folder_lock = claim_run_folder(out) if rank == 0 else None
+    except RunFolderBusy as e:
+        raise FinetuneError(str(e)) from None
+    try:
+        return _run_finetune(cfg, progress, rank, world, per_rank, out, last_path, state)
+    finally:
+        if folder_lock is not None:
+            folder_lock.close()
+
+
+def _run_finetune(cfg: FinetuneConfig, progress: bool, rank: int, world: int, per_rank: int, out: Path,
+                  last_path: Path, state: Optional[dict]) -> FinetuneResult:
+    """`run_finetune` after its checks, with the output folder locked."""
     try:
         gt, vocab, base_ids = read_annotations(cfg.ann, cfg.dataset)
     except FinetuneDataError as e:
@@ -424,7 +449,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     trainer = _Trainer(cfg, model, class_embeds, device, rank, world, ipe, total, val)
     if cfg.resume:
         try:
-            trainer.resume_from(last_path)
+            trainer.resume_from(last_path, state)
         except ResumeError as e:
             raise FinetuneError(str(e)) from None
     model.eval()

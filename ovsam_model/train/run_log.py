@@ -14,17 +14,48 @@ import json
 import math
 import os
 import platform
+import socket
 import subprocess
 from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import IO, Any, Mapping, Optional
 
 from ..atomic import atomic_path, write_json_atomic
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+LOCK = ".run.lock"
 VERSIONED = ("torch", "torchvision", "open_clip_torch", "segment-anything", "numpy", "ovsam")
+
+
+class RunFolderBusy(ValueError):
+    """Another training run writes the same output folder."""
+
+
+def claim_run_folder(out: Path) -> IO[bytes]:
+    """Lock `OUT/.run.lock` for this run's life (the handle holds it; closing or dying frees it),
+    so that a second run on the same folder stops at once instead of interleaving last.pth and
+    metrics.jsonl with the first. The file names the holder (pid, host, start)."""
+    from ..labeling.parts import try_lock
+
+    path = Path(out) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(exist_ok=True)
+    handle = try_lock(path)
+    if handle is None:
+        try:
+            holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        who = f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}" if holder else "?"
+        raise RunFolderBusy(f"{out} is being written by another training run ({who}); wait for it to finish or "
+                            f"choose another --out")
+    handle.truncate(0)
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": _dt.datetime.now().isoformat(timespec="seconds")}).encode())
+    handle.flush()
+    return handle
 
 
 def read_metrics_lines(path: Path) -> list[dict]:
