@@ -86,9 +86,7 @@ class MetricsLog:
 
     def __init__(self, out: Path, *, enabled: bool = True, resume_step: Optional[int] = None) -> None:
         self.path = Path(out) / METRICS
-        self.enabled = enabled
         self._file = None
-        self.steps: set[int] = set()  # the steps the log holds
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,13 +97,11 @@ class MetricsLog:
                     kept[record["step"]] = {**kept.get(record["step"], {}), **record}
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(_line(kept[s]) for s in sorted(kept)), encoding="utf-8")
-        self.steps = set(kept)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._file is None:
             return
-        self.steps.add(int(record["step"]))
         self._file.write(_line(record))
         self._file.flush()
         os.fsync(self._file.fileno())
