@@ -102,6 +102,31 @@ def test_teacher_runs_once_per_image_and_cache_is_reused(trained, image_dir, tmp
     os.utime(img, ns=(touched.st_atime_ns, touched.st_mtime_ns))
 
 
+def test_fill_cache_ranks_split_the_images_whenever_they_look(tmp_path):
+    """Each rank's share is fixed by the image list, not by what is missing when it looks: rank 1
+    starting after rank 0 has written its image still computes its own (a share of the missing
+    images once skipped it, and distill then failed on a cache file no rank had written)."""
+    images = []
+    for i in range(5):
+        images.append(tmp_path / f"{i}.jpg")
+        images[-1].write_bytes(bytes([i]))
+    cache = D.TeacherCache(tmp_path / "cache", "test", 16)
+    computed = {0: [], 1: []}
+
+    def fill(rank: int) -> int:
+        def teacher(pixels):
+            computed[rank].append(pixels.shape[0])
+            return pixels[:, :1]
+        return D.fill_cache(cache, images, teacher, lambda p: torch.full((3, 4, 4), float(p.stem)),
+                            device=torch.device("cpu"), batch_size=2, rank=rank, world_size=2)
+
+    assert fill(0) == 3  # images 0, 2, 4
+    assert fill(1) == 2  # images 1, 3, although 0, 2, 4 are written by now
+    assert all(cache.has(p) for p in images)
+    assert [cache.load(p)[0, 0, 0].item() for p in images] == [0, 1, 2, 3, 4]
+    assert fill(0) == 0 and fill(1) == 0  # a full cache: nothing computed again
+
+
 def test_schedule_warmup_then_cosine():
     # hand computation: warmup 4, total 12, floor 1 %
     assert lr_factor(0, 4, 12) == pytest.approx(0.25)

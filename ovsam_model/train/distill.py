@@ -335,7 +335,7 @@ def _run_distill(cfg: DistillConfig, progress: bool, rank: int, world: int, per_
         teacher, _ = build_teacher(cfg.teacher, image_size=size, **teacher_args)
         teacher.to(device)
         teacher_pos = teacher.pos_embed.detach().cpu() if teacher.pos_embed is not None else None
-        bar = tqdm(total=sum(not cache.has(p) for p in every), desc="teacher", unit="img", file=sys.stderr,
+        bar = tqdm(total=sum(not cache.has(p) for p in every[rank::world]), desc="teacher", unit="img", file=sys.stderr,
                    disable=not progress or rank != 0, leave=False)
         result.teacher_computed = fill_cache(cache, every, teacher, lambda p: load_pixels(p, size, pre.mean, pre.std),
                                              device=device, batch_size=cfg.teacher_batch, rank=rank,

@@ -96,11 +96,15 @@ def fill_cache(
     world_size: int = 1,
     progress: Optional[Callable[[int], None]] = None,
 ) -> int:
-    """Compute and store the embeddings of the images without a cache entry (this rank's share:
-    every `world_size`-th missing image). `teacher`: pixels [B, 3, S, S] → [B, C, g, g];
+    """Compute and store the embeddings of the images without a cache entry among this rank's
+    share (every `world_size`-th image of `images`). `teacher`: pixels [B, 3, S, S] → [B, C, g, g];
     `load_pixels`: path → [3, S, S]. `progress(n)` is called after each batch with its size.
-    Returns how many embeddings this rank computed."""
-    missing = [p for p in images if not cache.has(p)][rank::world_size]
+    Returns how many embeddings this rank computed.
+
+    The share is taken before looking at the cache: a share of the *missing* images would
+    depend on when each rank looks, and a rank that looks after another has written an entry
+    would skip an image that no rank then computes."""
+    missing = [p for p in list(images)[rank::world_size] if not cache.has(p)]
     for start in range(0, len(missing), batch_size):
         chunk = missing[start:start + batch_size]
         pixels = torch.stack([load_pixels(p) for p in chunk]).to(device)
