@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ovsam_model.atomic import atomic_path
+from ovsam_model.train.run_log import read_metrics_lines
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -61,29 +62,15 @@ def check_run_dir(run_dir: Path) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of `run_dir/metrics.jsonl`, in file order.
+    """The records of `run_dir/metrics.jsonl`, in file order (`run_log.read_metrics_lines`).
 
-    Blank lines are skipped, and so is an unparsable last line (a crash in the middle of a
-    write). `PlotError` on a missing folder or log, a log without records, and any other line
-    that is not a JSON object with a numeric `step` (the message names the file and line)."""
+    `PlotError` on a missing folder or log, a log without records, and a malformed line (the
+    message names the file and line)."""
     log = check_run_dir(run_dir)
-    lines = [(n, line) for n, line in enumerate(log.read_bytes().split(b"\n"), 1) if line.strip()]
-    records = []
-    for i, (n, raw) in enumerate(lines):
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if i == len(lines) - 1:  # a truncated last line
-                break
-            reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-            raise PlotError(f"{log}: malformed line {n}: {reason}") from None
-        if not isinstance(record, dict):
-            raise PlotError(f"{log}: malformed line {n}: not a JSON object")
-        if not _is_number(record.get("step")):
-            raise PlotError(f"{log}: malformed line {n}: no numeric 'step'")
-        if "eval" in record and not isinstance(record["eval"], (dict, type(None))):
-            raise PlotError(f"{log}: malformed line {n}: 'eval' is not an object")
-        records.append(record)
+    try:
+        records = read_metrics_lines(log)
+    except ValueError as e:
+        raise PlotError(str(e)) from None
     if not records:
         raise PlotError(f"{log}: empty log")
     return records

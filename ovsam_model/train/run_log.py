@@ -59,23 +59,32 @@ def claim_run_folder(out: Path) -> IO[bytes]:
 
 
 def read_metrics_lines(path: Path) -> list[dict]:
-    """The complete records of a metrics log (a truncated or malformed last line is dropped:
-    the line a crash cut off). A malformed line before the last raises ValueError naming it."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    """The records of a metrics log, in file order: the one reader of metrics.jsonl (resume,
+    the run's summary, `ovsam plot`).
+
+    Blank lines are skipped, and so is an unparsable last line (the line a crash cut off).
+    Any other line that is not a JSON object with a numeric `step` (and an `eval` that is an
+    object, if any) raises ValueError: "PATH: malformed line N: why"."""
+    path = Path(path)
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+    records = []
+    for i, (n, raw) in enumerate(lines):
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError("not an object with an integer 'step'")
-        except ValueError as e:
-            if i == len(lines):
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if i == len(lines) - 1:  # a truncated last line
                 break
-            raise ValueError(f"{path}: line {i} is not a metrics record ({e})") from None
-        out.append(record)
-    return out
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            raise ValueError(f"{path}: malformed line {n}: {reason}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: malformed line {n}: not a JSON object")
+        step = record.get("step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            raise ValueError(f"{path}: malformed line {n}: no numeric 'step'")
+        if "eval" in record and not isinstance(record["eval"], (dict, type(None))):
+            raise ValueError(f"{path}: malformed line {n}: 'eval' is not an object")
+        records.append(record)
+    return records
 
 
 class MetricsLog:
