@@ -28,36 +28,16 @@ import functools
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-DATA = Path(os.environ.get("OVSAM_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from bench_common import DATA, reset_peak_rss, status_mib, with_random_embeddings
+
 PHASES = ("encode", "decode", "upsample", "classify", "stability+box", "rle", "nms", "other")
 TARGET = 2.5
-
-
-# --- memory --------------------------------------------------------------------------------
-
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where it cannot be reset."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # --- timing of the phases --------------------------------------------------------------------
@@ -168,19 +148,11 @@ def _ovsam_side(case: dict, timer: PhaseTimer):
     settings = ModelSettings(model=case["model"], random_weights=True, device=case["device"], amp=case["amp"])
     vocabulary = None
     if not case["encode_vocab"]:
-        # Random weights leave no text-embedding cache, so the build would encode the vocabulary's
-        # ~18k prompt texts with a random text tower (minutes on CPU, before any timing). Random unit
-        # embeddings of the same [K, P, D] shape give the timed classification the same work.
-        import torch
-
         from ovsam_model.registry import resolve_spec
         from ovsam_model.vocab import load_vocabulary
 
         spec = resolve_spec(case["model"])
-        vocabulary = load_vocabulary(spec.vocabulary)
-        k, p = len(vocabulary), max(len(s) for s in vocabulary.synonyms)
-        embeddings = torch.randn(k, p, spec.config.clip.embed_dim, generator=torch.Generator().manual_seed(0))
-        vocabulary.embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        vocabulary = with_random_embeddings(load_vocabulary(spec.vocabulary), spec.config.clip.embed_dim)
     predictor = load_predictor(settings, vocabulary)
     filters_off = case["filters"] == "off"
     extra = dict(stability_score_thresh=0.0, drop_background=False, min_label_prob=0.0, max_masks=0) \
@@ -219,8 +191,8 @@ def child(case: dict) -> dict:
     if cuda:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    base_mib = torch.cuda.memory_allocated(dev) / 2**20 if cuda else _status_mib("VmRSS")
-    reset = cuda or _reset_peak_rss()
+    base_mib = torch.cuda.memory_allocated(dev) / 2**20 if cuda else status_mib("VmRSS")
+    reset = cuda or reset_peak_rss()
     seconds, cpu_seconds, masks, phases = [], [], [], defaultdict(float)
     for image in images[1:]:
         c0, t0 = time.process_time(), time.perf_counter()
@@ -232,7 +204,7 @@ def child(case: dict) -> dict:
         masks.append(len(out))
         for k, v in timer.take().items():
             phases[k] += v
-    peak_mib = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _status_mib("VmHWM")
+    peak_mib = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else status_mib("VmHWM")
     n = len(seconds)
     per_phase = {k: phases.get(k, 0.0) / n for k in PHASES if k != "other"}
     per_phase["other"] = sum(seconds) / n - sum(per_phase.values())
