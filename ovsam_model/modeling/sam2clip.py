@@ -1,6 +1,7 @@
 """SAM2CLIP adapter: CLIP C2..C5 → SAM's 256×64×64 image-embedding format (spec §2).
 
-Its state dict is the official `neck_student.*` layout minus the prefix.
+Its state dict is the official `neck_student.*` layout minus the prefix. Its blocks' attention
+runs `scaled_dot_product_attention` (`fast_attention.use_sdpa`; same parameters and keys).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Block
 from torch import nn
+
+from .fast_attention import use_sdpa
 
 
 class PatchEmbed(nn.Module):
@@ -73,6 +76,7 @@ class SAM2CLIPAdapter(nn.Module):
             nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(out_chans),
         )
+        use_sdpa(self)  # the blocks' attention through SDPA (`fast_path`); state dict unchanged
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """[C2, C3, C4, C5] → [B, out_chans, grid, grid]."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..atomic import torch_save_atomic
 from ..builder import build_sam
+from ..modeling.fast_attention import use_sdpa
 
 TEACHERS = ("vit_h", "tiny")
 
@@ -53,6 +54,7 @@ def build_teacher(kind: str, *, weights: Optional[Path] = None, image_size: int 
                                       out_chans=out, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
                                       use_rel_pos=True, window_size=14, global_attn_indexes=(1,))
             nn.init.normal_(encoder.pos_embed, std=0.02)
+    use_sdpa(encoder)
     encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
