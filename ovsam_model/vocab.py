@@ -324,12 +324,15 @@ class OpenClipTextEncoder:
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """[N, D] float32 on the CPU."""
+        """[N, D] float32 on the CPU: open_clip's `encode_text` run on the shortest exact prefix of
+        the context positions (`modeling.text_tower`), or the model's own for other models."""
+        from .modeling.text_tower import encode_text_truncated  # lazy: open_clip only when used
+
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(texts), self.batch_size):
             tokens = self.tokenizer(texts[i : i + self.batch_size]).to(device)
-            out.append(self.model.encode_text(tokens).float().cpu())
+            out.append(encode_text_truncated(self.model, tokens).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim or 0)
 
 
