@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 import torch
-from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT
+from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT, add_decomposed_rel_pos
 from torch import nn
 
 from ovsam_model.builder import build_model, build_sam
@@ -75,6 +75,16 @@ CASES = {
     "window-norelpos": dict(dim=32, heads=2, window=14, grid=16, rel_pos=False),
     "global-norelpos": dict(dim=32, heads=2, window=0, grid=16, rel_pos=False),
 }
+
+
+def test_bias_is_segment_anythings_rel_pos_term():
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 3, 6 * 5, 8, generator=g)
+    rel_h, rel_w = torch.randn(11, 8, generator=g), torch.randn(9, 8, generator=g)
+    bias = decomposed_rel_pos_bias(q, rel_h, rel_w, (6, 5), (6, 5))
+    ref = add_decomposed_rel_pos(torch.zeros(6, 30, 30), q.reshape(6, 30, 8), rel_h, rel_w, (6, 5), (6, 5))
+    assert bias.shape == (2, 3, 30, 30) and bias.is_contiguous()
+    torch.testing.assert_close(bias.reshape(6, 30, 30), ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -41,8 +41,10 @@ def decomposed_rel_pos_bias(
     Rw = get_rel_pos(q_w, k_w, rel_pos_w)
     B, heads, _, dim = q.shape
     r_q = q.reshape(B * heads, q_h, q_w, dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+    # contiguous (einsum's outputs need not be): the broadcast sum then comes out contiguous and
+    # the reshape below is a view, not a second copy of the [B·heads, N, N] bias
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).contiguous()
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).contiguous()
     bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
     return bias.reshape(B, heads, q_h * q_w, k_h * k_w).to(q.dtype)
 
