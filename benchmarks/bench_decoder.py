@@ -5,6 +5,11 @@ prompts, the image embedding broadcast (not repeated), one mask token, one inter
 the 256² logits to the original size, bool masks. Baseline: `MaskDecoder.forward` (which
 repeat_interleaves the embedding per prompt and predicts 4 masks), then `Sam.postprocess_masks`
 (1024² then the original size) for all N at once, as SamPredictor.predict_torch does.
+
+`--paths`: instead, our decoder alone (`OneTokenMaskDecoder.predict`, no post-processing) with
+`fast_path=True` vs `False` on the same N click (or box) prompts of one image, in one process,
+each timed --repeats times after a warm-up (min reported), and the largest difference between
+the two paths' logits relative to their std.
 """
 
 from __future__ import annotations
@@ -60,7 +65,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variant", choices=["segment-anything", "ovsam"], default=None,
                     help="run one variant only (on CPU each variant runs in its own process for memory)")
+    ap.add_argument("--paths", action="store_true", help="time fast_path=True vs False of our decoder")
+    ap.add_argument("--prompt", choices=["clicks", "boxes"], default="clicks", help="with --paths")
+    ap.add_argument("--prompts", type=int, default=64, help="with --paths: prompts in the batch")
     args = ap.parse_args()
+    if args.paths:
+        _compare_paths(args)
+        return
     if args.variant is None and args.device == "cpu":
         _run_in_subprocesses(args)
         return
@@ -117,6 +128,43 @@ def main() -> None:
 def _summary(sam: dict, ours: dict) -> None:
     print(json.dumps({"speedup": sam["s_per_image"] / ours["s_per_image"],
                       "memory_ratio": sam["peak_mib"] / ours["peak_mib"]}))
+
+
+def _compare_paths(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                           mask_in_chans=16).to(device).eval()
+    head = OVSAMHead().to(device).eval()
+    dec = head.mask_decoder
+    emb = torch.randn(1, 256, 64, 64, device=device)
+    n = args.prompts
+    with torch.inference_mode():
+        pe = prompt.get_dense_pe()
+        if args.prompt == "clicks":
+            pts = torch.rand(n, 1, 2, device=device) * 1024
+            sparse, dense = prompt(points=(pts, torch.ones(n, 1, device=device)), boxes=None, masks=None)
+        else:
+            xy = torch.rand(n, 2, device=device) * 800
+            boxes = torch.cat([xy, xy + 32 + torch.rand(n, 2, device=device) * 200], dim=1)
+            sparse, dense = prompt(points=None, boxes=boxes, masks=None)
+        times, outs = {}, {}
+        for fast in (False, True):
+            dec.fast_path = fast
+            outs[fast], _ = dec.predict(emb, pe, sparse, dense, head.label_token.weight)  # warm-up
+            runs = []
+            for _ in range(args.repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                dec.predict(emb, pe, sparse, dense, head.label_token.weight)
+                _sync(device)
+                runs.append(time.perf_counter() - t0)
+            times[fast] = min(runs)
+            print(json.dumps({"fast_path": fast, "device": str(device), "threads": torch.get_num_threads(),
+                              "prompt": args.prompt, "prompts": n, "s_min": times[fast],
+                              "s_all": [round(r, 3) for r in runs]}))
+        rel = ((outs[True] - outs[False]).abs().max() / outs[False].std()).item()
+    print(json.dumps({"speedup": times[False] / times[True], "max_abs_diff_over_std": rel}))
 
 
 def _run_in_subprocesses(args: argparse.Namespace) -> None:

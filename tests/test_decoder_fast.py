@@ -1,0 +1,167 @@
+"""The decoder's fast path (`OneTokenMaskDecoder.fast_path`) against its plain path.
+
+Full width (256-d, 8 heads, MLP 2048, 64×64 embedding) with few prompts; weights scaled so the
+mask logits are of order 1 and the attention is not uniform, so a tolerance relative to the
+logits' scale means something.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from segment_anything.modeling import PromptEncoder
+
+from ovsam_model.modeling.decoder import OneTokenMaskDecoder, OVSAMHead
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on the 2 cores shared with other jobs, OpenMP's barriers make two
+    threads slower than one for these many mid-sized operations."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sharpen(head: OVSAMHead) -> OVSAMHead:
+    """Default init, then q/k projections ×3 (peaked attention) and the hypernetwork's last
+    layer ×20 (logits of order 1 instead of ~0.05)."""
+    for m in head.modules():
+        if hasattr(m, "q_proj") and hasattr(m, "k_proj"):
+            m.q_proj.weight.data.mul_(3.0)
+            m.k_proj.weight.data.mul_(3.0)
+    last = head.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+    last.weight.data.mul_(20.0)
+    last.bias.data.mul_(20.0)
+    return head
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                           mask_in_chans=16).eval()
+    head = _sharpen(OVSAMHead()).eval()
+    emb = torch.randn(1, 256, 64, 64)
+    return prompt, head, emb
+
+
+def _decode(head: OVSAMHead, fast: bool, *args):
+    head.mask_decoder.fast_path = fast
+    try:
+        return head.mask_decoder.predict(*args, head.label_token.weight)
+    finally:
+        head.mask_decoder.fast_path = True
+
+
+def _check(head, emb, pe, sparse, dense):
+    with torch.no_grad():
+        plain, plain_prefix = _decode(head, False, emb, pe, sparse, dense)
+        fast, fast_prefix = _decode(head, True, emb, pe, sparse, dense)
+    scale = plain.std().item()
+    assert 0.3 < scale < 30, f"logit scale {scale}: the test weights no longer give logits of order 1"
+    assert fast.shape == plain.shape == (sparse.shape[0], 1, 256, 256)
+    assert fast_prefix.shape == plain_prefix.shape == (sparse.shape[0], 1, 256)
+    assert (fast - plain).abs().max().item() <= 1e-5 * scale
+    assert (fast_prefix - plain_prefix).abs().max().item() <= 1e-5 * max(plain_prefix.abs().max().item(), 1.0)
+    return plain, fast
+
+
+def test_default_is_fast_and_state_dict_unchanged():
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    head = OVSAMHead()
+    assert head.mask_decoder.fast_path is True
+    sam = MaskDecoder(transformer_dim=256, num_multimask_outputs=0,
+                      transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    expected = [k for k in sam.state_dict() if not k.startswith(("iou_token.", "iou_prediction_head."))]
+    assert list(head.mask_decoder.state_dict()) == expected
+
+
+def test_clicks_fast_equals_plain(setup, monkeypatch):
+    """3 click prompts (positive/negative) in chunks of 2: the second chunk is partial."""
+    prompt, head, emb = setup
+    monkeypatch.setattr(head.mask_decoder, "fast_chunk_cpu", 2)
+    g = torch.Generator().manual_seed(3)
+    pts = torch.rand(3, 2, 2, generator=g) * 1024
+    labels = torch.tensor([[1, -1], [1, 0], [0, 1]])
+    with torch.no_grad():
+        sparse, dense = prompt(points=(pts, labels), boxes=None, masks=None)
+    assert dense.stride(0) == 0 and OneTokenMaskDecoder._dense_shared(dense)
+    plain, fast = _check(head, emb, prompt.get_dense_pe(), sparse, dense)
+    # the prompts give different masks (a bug mixing prompts up would show)
+    assert (plain[0] - plain[2]).abs().max() > 0.1 * plain.std()
+
+
+def test_boxes_fast_equals_plain_and_materialised_dense(setup):
+    """Box prompts; the same "no mask" dense map materialised (as a dtype cast does) is still
+    recognised as shared, by value."""
+    prompt, head, emb = setup
+    boxes = torch.tensor([[10.0, 20.0, 400.0, 380.0], [500.0, 100.0, 900.0, 1000.0]])
+    with torch.no_grad():
+        sparse, dense = prompt(points=None, boxes=boxes, masks=None)
+        plain, _ = _check(head, emb, prompt.get_dense_pe(), sparse, dense)
+        copy = dense.contiguous()
+        assert copy.stride(0) != 0 and OneTokenMaskDecoder._dense_shared(copy)
+        fast, _ = _decode(head, True, emb, prompt.get_dense_pe(), sparse, copy)
+    assert (fast - plain).abs().max().item() <= 1e-5 * plain.std().item()
+
+
+def test_mask_prompts_fast_equals_plain(setup):
+    """Mask prompts: a different dense map per prompt (the non-shared path)."""
+    prompt, head, emb = setup
+    g = torch.Generator().manual_seed(4)
+    masks = torch.randn(2, 1, 256, 256, generator=g) * 5
+    with torch.no_grad():
+        sparse, dense = prompt(points=(torch.tensor([[[300.0, 400.0]], [[700.0, 200.0]]]), torch.ones(2, 1)),
+                               boxes=None, masks=masks)
+    assert not OneTokenMaskDecoder._dense_shared(dense)
+    _check(head, emb, prompt.get_dense_pe(), sparse, dense)
+
+
+def test_gradients_fast_equal_plain(setup, monkeypatch):
+    """Fine-tuning trains the decoder through the fast path: same gradients as the plain path
+    (2 prompts in chunks of 1: the gradients of the chunks add up)."""
+    prompt, head, emb = setup
+    monkeypatch.setattr(head.mask_decoder, "fast_chunk_cpu", 1)
+    with torch.no_grad():
+        sparse, dense = prompt(points=None, boxes=torch.tensor([[100.0, 200.0, 600.0, 700.0],
+                                                                [50.0, 50.0, 300.0, 200.0]]), masks=None)
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(2, 1, 256, 256, generator=g)
+    pweight = torch.randn(2, 1, 256, generator=g)
+    sparse = sparse.clone().requires_grad_(True)
+    grads = {}
+    for fast in (False, True):
+        head.zero_grad(set_to_none=True)
+        sparse.grad = None
+        masks, prefix = _decode(head, fast, emb, prompt.get_dense_pe(), sparse, dense)
+        ((masks * weight).sum() + (prefix * pweight).sum()).backward()
+        grads[fast] = {name: p.grad.clone() for name, p in head.named_parameters() if p.grad is not None}
+        grads[fast]["<sparse>"] = sparse.grad.clone()
+    head.zero_grad(set_to_none=True)
+    assert grads[True].keys() == grads[False].keys()
+    assert len(grads[False]) > 40  # every decoder parameter and the label token got a gradient
+    # k_proj biases whose attention softmax cancels them have a zero gradient in exact arithmetic:
+    # rounding noise there is judged against the largest gradient of all
+    largest = max(g.abs().max().item() for g in grads[False].values())
+    for name, ref in grads[False].items():
+        tol = 1e-4 * ref.abs().max().item() + 1e-7 * largest
+        err = (grads[True][name] - ref).abs().max().item()
+        assert err <= tol, name
+
+
+def test_bf16_autocast_close(setup):
+    """Under bf16 autocast the fast path stays close to the fp32 result (measured: max error
+    0.08 × the logits' std, as the plain path's under autocast; mean 0.01 ×)."""
+    prompt, head, emb = setup
+    with torch.no_grad():
+        sparse, dense = prompt(points=(torch.tensor([[[300.0, 400.0]]]), torch.ones(1, 1)), boxes=None, masks=None)
+        pe = prompt.get_dense_pe()
+        ref, _ = _decode(head, False, emb, pe, sparse, dense)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, _ = _decode(head, True, emb, pe, sparse, dense)
+    scale = ref.std().item()
+    err = (fast.float() - ref).abs()
+    assert err.max().item() <= 0.2 * scale and err.mean().item() <= 0.03 * scale, (err.max(), err.mean(), scale)
