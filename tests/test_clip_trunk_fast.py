@@ -57,6 +57,16 @@ def _build(seed: int) -> ClipTrunk:
     return trunk
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny trunk gains nothing from a second thread, and on a CPU shared with other jobs
+    OpenMP's waits made its small convolutions up to 100× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pixels(data_dir) -> torch.Tensor:
     images = sorted((data_dir / "coco-val2017-mini" / "images").glob("*.jpg"))[:2]
@@ -166,6 +176,7 @@ def test_fast_forward_leaves_the_state_dict_and_grads_alone(small):
     assert list(after) == list(before)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert (len(list(trunk.parameters())), len(list(trunk.buffers()))) == (n_params, n_buffers)
+    assert not trunk.train().clip.training  # the frozen trunk stays in eval mode (what folding needs)
     assert not any(p.requires_grad for p in trunk.parameters())
     folded = trunk._fast.trunk[1]
     derived = [c.weight for c in folded.stem] + [c.bias for c in folded.stem]

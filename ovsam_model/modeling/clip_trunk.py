@@ -311,7 +311,7 @@ class ClipTrunk(nn.Module):
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """pixels [B, 3, S, S] normalised → [C2, C3, C4, C5] (strides 4, 8, 16, 32)."""
         visual = self.clip.visual
-        if self.is_resnet and self.fast_path:
+        if self.is_resnet and self.fast_path and not visual.training:  # folding needs eval-mode BatchNorm
             folded = self._folded_trunk()
             if folded is not None:
                 return folded(pixels)
