@@ -16,6 +16,7 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from ..config import ClipConfig
+from .text_tower import encode_text_truncated
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -397,7 +398,7 @@ class ClipTrunk(nn.Module):
         is ~17k prompts: one batch would need tens of GB)."""
         device = next(self.clip.parameters()).device
         starts = range(0, len(texts), batch_size)
-        out = [self.clip.encode_text(self.tokenizer(texts[s : s + batch_size]).to(device)).float()
+        out = [encode_text_truncated(self.clip, self.tokenizer(texts[s : s + batch_size]).to(device)).float()
                for s in tqdm(starts, desc="text embeddings", unit="batch", file=sys.stderr, leave=False,
                              disable=len(starts) < 8)]  # a bar only for long vocabularies (LVIS: ~66 batches)
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
