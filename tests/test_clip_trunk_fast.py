@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import ovsam_model.modeling.clip_trunk as clip_trunk
+from ovsam_model.modeling import attnpool_rois, folded_resnet
 from ovsam_model.config import TINY
 from ovsam_model.modeling.clip_trunk import ClipTrunk
 from ovsam_model.transforms import prepare_image
@@ -266,7 +266,7 @@ def _broken_pool_constants(pool):
     return {**consts, "v_pos": consts["v_pos"] - bias}  # the spatial tokens' value bias left out
 
 
-clip_trunk_pool_constants = clip_trunk._pool_constants
+clip_trunk_pool_constants = attnpool_rois.pool_constants
 
 
 def _conv_without_bias(self, x):
@@ -281,12 +281,12 @@ def test_the_comparisons_catch_a_broken_rewrite(monkeypatch, trunk, pixels, plai
         ref = _plain(trunk, lambda: trunk.region_embed(c5, ROIS, ROI))
     try:
         if mutant == "value_bias":
-            monkeypatch.setattr(clip_trunk, "_pool_constants", _broken_pool_constants)
+            monkeypatch.setattr(attnpool_rois, "pool_constants", _broken_pool_constants)
             trunk.clear_fast_cache()
             with torch.no_grad():
                 assert _rel(ref, trunk.region_embed(c5, ROIS, ROI)) > 1e-3
         elif mutant == "bn_bias":
-            monkeypatch.setattr(clip_trunk._FoldedConv, "__call__", _conv_without_bias)
+            monkeypatch.setattr(folded_resnet.FoldedConv, "__call__", _conv_without_bias)
             with torch.no_grad():
                 assert _rel(plain_feats[3][:1], trunk(pixels[:1])[3]) > 1e-2
         else:  # the mean token without its positional embedding, in both paths' terms
