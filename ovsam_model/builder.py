@@ -18,6 +18,7 @@ from .checkpoint import load_spec_weights, load_weight_file
 from .config import TINY
 from .modeling.baselines import SAMClipBaseline, build_tiny_sam
 from .modeling.clip_trunk import ClipTrunk
+from .modeling.fast_attention import use_sdpa
 from .modeling.ovsam import OVSAM
 from .predictor import OVSAMPredictor
 from .registry import SAM_CHECKPOINTS, ModelSpec, resolve_spec, sam_weight
@@ -36,16 +37,19 @@ def build_sam(variant: str = "vit_h", weights_path: Optional[Union[str, Path]] =
     """segment_anything's `Sam` of `variant` ("vit_h", "vit_l", "vit_b"; "tiny": the real
     architecture at small widths, `config.TINY`), random weights, then the whole SAM checkpoint
     `weights_path` (official layout) loaded strictly when given. The one place a SAM is built:
-    the baselines, the distillation teacher and `ovsam weights verify` use it."""
+    the baselines, the distillation teacher and `ovsam weights verify` use it. Its image
+    encoder's attention runs through `scaled_dot_product_attention` (`fast_attention.use_sdpa`)."""
     if variant == "tiny":
         if weights_path is not None:
             raise ValueError("the tiny SAM has random weights only (no weights_path)")
-        return build_tiny_sam(TINY.image_size, TINY.prompt_dim)
-    if variant not in SAM_CHECKPOINTS:
+        sam = build_tiny_sam(TINY.image_size, TINY.prompt_dim)
+    elif variant not in SAM_CHECKPOINTS:
         raise ValueError(f"unknown SAM variant {variant!r} (known: {', '.join(SAM_VARIANTS)})")
-    sam = sam_model_registry[variant](checkpoint=None)
-    if weights_path is not None:
-        load_weight_file(torch.nn.ModuleDict({"sam": sam}), sam_weight(variant), weights_path)
+    else:
+        sam = sam_model_registry[variant](checkpoint=None)
+        if weights_path is not None:
+            load_weight_file(torch.nn.ModuleDict({"sam": sam}), sam_weight(variant), weights_path)
+    use_sdpa(sam.image_encoder)
     return sam
 
 
