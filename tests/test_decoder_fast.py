@@ -165,3 +165,21 @@ def test_bf16_autocast_close(setup):
     scale = ref.std().item()
     err = (fast.float() - ref).abs()
     assert err.max().item() <= 0.2 * scale and err.mean().item() <= 0.03 * scale, (err.max(), err.mean(), scale)
+
+
+def test_a_prompts_logits_do_not_depend_on_the_prompts_decoded_with_it(setup):
+    """The engine promises the same bytes for any --box-batch: on CPU every chunk has the same
+    shape (a short last chunk is padded), so each prompt's logits are bit-equal whatever else is
+    in the call."""
+    prompt, head, emb = setup
+    torch.manual_seed(1)
+    boxes = torch.rand(11, 4) * 512
+    boxes[:, 2:] += boxes[:, :2]
+    with torch.no_grad():
+        sparse, dense = prompt(points=None, boxes=boxes, masks=None)
+        pe = prompt.get_dense_pe()
+        all_masks, all_prefix = _decode(head, True, emb, pe, sparse, dense)
+        for lo, hi in ((0, 1), (0, 3), (2, 7), (5, 11)):
+            masks, prefix = _decode(head, True, emb, pe, sparse[lo:hi], dense[lo:hi])
+            assert torch.equal(masks, all_masks[lo:hi]), (lo, hi)
+            assert torch.equal(prefix, all_prefix[lo:hi]), (lo, hi)

@@ -33,7 +33,8 @@ class OneTokenMaskDecoder(MaskDecoder):
     fast_path: bool = True
     # Prompts per pass of the fast path's per-prompt part on CPU: small chunks keep the
     # intermediates small (reused heap memory, cache); 64 clicks, 1 thread: chunks of 4 3.6 s,
-    # 2: 4.3 s, 8: 6.1 s, 64: 6.2 s. None (and any non-CPU device): all prompts at once.
+    # 2: 4.3 s, 8: 6.1 s, 64: 6.2 s. None (and any non-CPU device): all prompts at once. A short
+    # chunk is padded to this size, so that results do not depend on the number of prompts.
     fast_chunk_cpu: Optional[int] = 4
 
     def __init__(self, transformer_dim: int, transformer: nn.Module) -> None:
@@ -151,13 +152,22 @@ class OneTokenMaskDecoder(MaskDecoder):
         masks, prefix = [], []
         for s in range(0, n, chunk):
             tok = tokens[s : s + chunk]
+            rows = tok.shape[0]
+            if rows < chunk:
+                # a short last chunk is padded to the full chunk (repeating its last prompt):
+                # the kernels then see the same shapes in every chunk, so a prompt's logits do
+                # not depend on how many prompts came with it (bit-equal runs for any box batch)
+                tok = torch.cat([tok, tok[-1:].expand(chunk - rows, -1, -1)])
             if not shared:
-                keys0 = (image_embedding + dense[s : s + chunk]).flatten(2).transpose(1, 2).contiguous()
+                d = dense[s : s + chunk]
+                if d.shape[0] < tok.shape[0]:
+                    d = torch.cat([d, d[-1:].expand(tok.shape[0] - d.shape[0], -1, -1, -1)])
+                keys0 = (image_embedding + d).flatten(2).transpose(1, 2).contiguous()
                 keys0_pos = keys0 + pos
             queries, keys = self._transformer_fast(keys0, keys0_pos, pos, tok)
-            prefix.append(queries[:, :num_prefix, :])
-            hyper = self.output_hypernetworks_mlps[0](queries[:, num_prefix, :])  # [n, C/8]
-            masks.append(self._upscale_and_mask_fast(keys, hyper, h, w))
+            prefix.append(queries[:rows, :num_prefix, :])
+            hyper = self.output_hypernetworks_mlps[0](queries[:, num_prefix, :])  # [chunk, C/8]
+            masks.append(self._upscale_and_mask_fast(keys, hyper, h, w)[:rows])
         return torch.cat(masks), torch.cat(prefix)
 
     def _transformer_fast(
