@@ -133,6 +133,7 @@ def _run_prompt(
     ann: Path, images: Path, models: list[str], dataset: str, prompt: str, *, vocab: Optional[str],
     vocab_names: Optional[Path], roi_box: str,
     batch_size: int, max_images: Optional[int], device: str, build_kwargs: dict[str, Any], progress: bool,
+    workers: int = 0,
 ) -> tuple[list[PromptResult], dict]:
     from ovsam_model.builder import build_predictor
     from ovsam_model.eval.detector import load_ground_truth
@@ -155,7 +156,7 @@ def _run_prompt(
                                     mask_postprocess=PUBLISHED_MASK_POSTPROCESS, roi_box=roi_box, **build_kwargs)
         result = evaluate_prompts(predictor, gt, images, prompt=prompt, dataset=dataset,  # type: ignore[arg-type]
                                   batch_size=batch_size, max_images=max_images, progress=progress,
-                                  model_name=name)
+                                  model_name=name, workers=workers)
         results.append(result)
         entries.append({"name": name, "weights_sha256": dict(predictor.weights_sha256),
                         "result": result.to_json()})
@@ -190,6 +191,7 @@ def eval_command(
     roi_box: RoiBoxOpt = RoiBox.mask,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompt protocol: images per model call.")] = 1,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Prompt protocol: evaluate only the first N images (sorted by id).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Prompt protocol: DataLoader processes reading the images and ground-truth masks (0: in this process).")] = 2,
     device: DeviceOpt = "auto",
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
@@ -251,7 +253,7 @@ def eval_command(
                                               vocab_names=vocab_names, roi_box=roi_box.value,
                                               batch_size=batch_size, max_images=max_images,
                                               device=resolve_device(device), build_kwargs=build_kwargs,
-                                              progress=not quiet)
+                                              progress=not quiet, workers=workers)
                 header, rows = prompt_table(results)
                 title = f"{dataset.value} {prompt.value}-prompt protocol (%)"
                 notes = results[0].notes if results else []

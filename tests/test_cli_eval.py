@@ -205,6 +205,21 @@ def test_prompt_protocol_with_tiny_model(tmp_path):
     assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["acc"] <= 1.0
 
 
+def test_prompt_protocol_report_does_not_depend_on_workers(tmp_path):
+    """--workers 0 (images read in this process) and --workers 2 write the same JSON report."""
+    reports = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}.json"
+        res = runner.invoke(app, ["eval", "--protocol", "prompt", "--prompt", "point", "--ann", str(GT),
+                                  "--images", str(SAMPLE / "images"), "--model", "tiny", "--random-weights",
+                                  "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--workers", workers,
+                                  "--json", str(out), "-q"])
+        assert res.exit_code == 0, res.output
+        reports.append(json.loads(out.read_text()))
+    assert reports[1] == reports[0]
+    assert reports[0]["models"][0]["result"]["num_images"] == 2
+
+
 def _fake_builds(monkeypatch) -> list:
     import ovsam_model.builder as builder
 

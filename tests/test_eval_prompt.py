@@ -241,3 +241,51 @@ def test_bad_predictor_output_is_an_error():
                          progress=False)
     with pytest.raises(FileNotFoundError):
         evaluate_prompts(_Oracle(gt, MINI_DIR / "images"), gt, MINI_DIR, max_images=1, progress=False)
+
+
+class _PreparedRecorder:
+    """A real tiny predictor (random weights) that records what `predict_prepared` receives."""
+
+    def __init__(self, inner):
+        self.inner, self.category_ids, self.device = inner, inner.category_ids, inner.device
+        self.prepare = inner.prepare
+        self.calls: list[list[tuple]] = []
+
+    def predict_prepared(self, images, prompts):
+        self.calls.append([(im.original_size, hashlib.sha1(im.pixels.numpy().tobytes()).hexdigest(), len(p))
+                           for im, p in zip(images, prompts)])
+        return self.inner.predict_prepared(images, prompts)
+
+    def predict(self, images, prompts):  # pragma: no cover - the prepared path must be taken
+        raise AssertionError("predict called although the predictor prepares")
+
+
+@needs_mini
+def test_workers_give_the_same_report_as_the_main_process(tmp_path):
+    """Images, GT masks and prompts made in 2 DataLoader workers: same calls in the same order
+    (prepared pixels in the workers) and the same report as in this process, on real images
+    with a short last batch; the oracle (raw images) agrees too."""
+    from ovsam_model.builder import build_predictor
+
+    gt = json.loads(MINI.read_text())
+    tiny = build_predictor("tiny", vocab="coco", random_weights=True, cache_dir=tmp_path, progress=False)
+    runs = {}
+    for workers in (0, 2):
+        rec = _PreparedRecorder(tiny)
+        res = evaluate_prompts(rec, gt, MINI_DIR / "images", prompt="point", batch_size=3, max_images=4,
+                               progress=False, workers=workers)
+        runs[workers] = (res.to_json(), rec.calls)
+    assert runs[2] == runs[0]
+    report, calls = runs[0]
+    assert [len(c) for c in calls] == [3, 1] and report["num_images"] == 4
+    assert 0 < report["miou"] < 1  # a real, image-dependent figure (not all 0 or all 1)
+    oracle = {w: evaluate_prompts(_Oracle(gt, MINI_DIR / "images"), gt, MINI_DIR / "images", batch_size=4,
+                                  max_images=6, progress=False, workers=w).to_json() for w in (0, 2)}
+    assert oracle[2] == oracle[0] and oracle[0]["miou"] == pytest.approx(1.0)
+
+
+@needs_mini
+def test_image_errors_from_workers_keep_their_type_and_message():
+    gt = json.loads(MINI.read_text())
+    with pytest.raises(FileNotFoundError, match=r"^image \d+ not found"):
+        evaluate_prompts(_Oracle(gt, MINI_DIR / "images"), gt, MINI_DIR, max_images=2, progress=False, workers=2)

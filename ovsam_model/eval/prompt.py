@@ -9,6 +9,10 @@
 - Base / novel: COCO 48 / 17 (instances of the 15 other COCO classes count toward the overall
   mIoU / Acc only); LVIS frequent + common / rare from the GT categories' `frequency`.
 - Images: sorted by id; only those with at least one instance; `max_images` keeps the first N.
+- Each image is read, its GT masks decoded and its prompts made in DataLoader workers
+  (`workers`; `_PromptImages`), together with the predictor's `prepare` when it has one
+  (then `predict_prepared` runs on the pinned pixels); batches keep the image order, so the
+  numbers do not depend on `workers`.
 """
 
 from __future__ import annotations
@@ -17,20 +21,23 @@ import contextlib
 import io
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
+import torch
+from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from ovsam_model.eval.detector import load_ground_truth
 from ovsam_model.eval.report import PromptResult
+from ovsam_model.io.loader import ordered_loader
 from ovsam_model.splits import coco_split_ids, lvis_split_ids
-from ovsam_model.types import Predictor, Prompts
+from ovsam_model.types import PreparedImage, Predictor, Prompts
 
 # The prompt protocol runs SAM's own two-step mask post-processing (upsample to the input size,
 # crop the padding, resize to the image), as the published numbers were made.
@@ -134,9 +141,61 @@ def _prompts(anns: Sequence[Mapping[str, Any]], masks: Sequence[np.ndarray], pro
     return Prompts(points=points, point_labels=np.ones((len(anns), 1), dtype=np.int64))
 
 
-def _batches(items: Sequence[_ImageTask], size: int) -> Iterator[Sequence[_ImageTask]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+@dataclass
+class _ImageInputs:
+    """One image's predictor inputs and ground truth, made in a DataLoader worker.
+
+    image: [H, W, 3] uint8 RGB, or the predictor's `PreparedImage`; None when no instance of
+    the image has a non-empty mask. gt: [N, H, W] bool, the kept instances' masks (a tensor:
+    it leaves the worker through shared memory). empty: annotations skipped for an empty mask.
+    error: what reading the image raised, re-raised in the main process as it is (a DataLoader
+    would wrap it in a message about the worker).
+    """
+
+    image: Optional[np.ndarray | PreparedImage]
+    prompts: Optional[Prompts]
+    anns: list[Mapping[str, Any]]
+    gt: Optional[torch.Tensor]
+    empty: int
+    error: Optional[Exception] = None
+
+    def pin_memory(self) -> "_ImageInputs":
+        """The DataLoader's pin_memory hook: pins the model input (what goes to the device)."""
+        if isinstance(self.image, PreparedImage):
+            return replace(self, image=replace(self.image, pixels=self.image.pixels.pin_memory()))
+        return self
+
+
+class _PromptImages(TorchDataset):
+    """Item i: `_ImageInputs` of task i (image read as `load_rgb` does, GT masks by `annToMask`)."""
+
+    def __init__(self, coco: COCO, tasks: Sequence[_ImageTask], images_dir: str | os.PathLike, prompt: PromptType,
+                 prepare: Optional[Callable[[np.ndarray], PreparedImage]] = None) -> None:
+        self.coco, self.tasks, self.images_dir, self.prompt, self.prepare = coco, list(tasks), images_dir, prompt, prepare
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> _ImageInputs:
+        task = self.tasks[i]
+        masks = [self.coco.annToMask(a).astype(bool) for a in task.anns]
+        keep = [j for j, m in enumerate(masks) if m.any()]
+        empty = len(masks) - len(keep)
+        if not keep:
+            return _ImageInputs(None, None, [], None, empty)
+        anns = [task.anns[j] for j in keep]
+        masks = [masks[j] for j in keep]
+        try:
+            image = load_rgb(image_path(self.images_dir, task.img), int(task.img["height"]), int(task.img["width"]))
+        except (OSError, ValueError) as e:
+            return _ImageInputs(None, None, [], None, empty, error=e)
+        return _ImageInputs(image if self.prepare is None else self.prepare(image), _prompts(anns, masks, self.prompt),
+                            anns, torch.from_numpy(np.stack(masks)), empty)
+
+
+def _prepares(predictor: Predictor) -> bool:
+    """Whether the predictor splits `predict` into `prepare` (run in the workers) and `predict_prepared`."""
+    return callable(getattr(predictor, "prepare", None)) and callable(getattr(predictor, "predict_prepared", None))
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -154,14 +213,21 @@ def evaluate_prompts(
     max_images: Optional[int] = None,
     progress: bool = True,
     model_name: Optional[str] = None,
+    workers: int = 0,
+    pin_memory: Optional[bool] = None,
 ) -> PromptResult:
-    """Run `predictor` with one prompt per GT instance, batch_size images per call; see the module doc."""
+    """Run `predictor` with one prompt per GT instance, batch_size images per call; see the module doc.
+
+    workers: DataLoader processes reading the images (0: this process). pin_memory: pin the
+    prepared pixels (default: when the predictor's `device` is CUDA)."""
     if prompt not in ("box", "point"):
         raise ValueError(f"prompt must be 'box' or 'point', not {prompt!r}")
     if dataset not in ("coco", "lvis"):
         raise ValueError(f"dataset must be 'coco' or 'lvis', not {dataset!r}")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if workers < 0:
+        raise ValueError("workers must be at least 0")
     gt_data = load_ground_truth(gt)
     groups = _groups(gt_data, dataset)
     coco = _coco_api(gt_data)
@@ -172,21 +238,21 @@ def evaluate_prompts(
     hits: dict[str, list[float]] = {"all": [], "base": [], "novel": []}
     skipped_empty = 0
     bar = tqdm(total=len(tasks), desc=model_name or "prompt eval", unit="img", disable=not progress, file=sys.stderr)
-    for batch in _batches(tasks, batch_size):
-        images, prompts, metas = [], [], []
-        for task in batch:
-            h, w = int(task.img["height"]), int(task.img["width"])
-            masks = [coco.annToMask(a).astype(bool) for a in task.anns]
-            keep = [i for i, m in enumerate(masks) if m.any()]
-            skipped_empty += len(masks) - len(keep)
-            if not keep:
-                continue
-            anns = [task.anns[i] for i in keep]
-            masks = [masks[i] for i in keep]
-            images.append(load_rgb(image_path(images_dir, task.img), h, w))
-            prompts.append(_prompts(anns, masks, prompt))
-            metas.append((anns, masks))
-        preds = predictor.predict(images, prompts) if images else []
+    prepared = _prepares(predictor)
+    if pin_memory is None:
+        pin_memory = torch.device(getattr(predictor, "device", "cpu")).type == "cuda"
+    data = _PromptImages(coco, tasks, images_dir, prompt, predictor.prepare if prepared else None)
+    for batch in ordered_loader(data, batch_size=batch_size, workers=workers, pin_memory=pin_memory and prepared):
+        for item in batch:
+            if item.error is not None:
+                raise item.error
+        skipped_empty += sum(item.empty for item in batch)
+        ready = [item for item in batch if item.image is not None]
+        images = [item.image for item in ready]
+        prompts = [item.prompts for item in ready]
+        metas = [(item.anns, item.gt.numpy()) for item in ready]
+        run = predictor.predict_prepared if prepared else predictor.predict
+        preds = run(images, prompts) if images else []
         if len(preds) != len(images):
             raise ValueError(f"predictor returned {len(preds)} predictions for {len(images)} images")
         for pred, (anns, masks) in zip(preds, metas):

@@ -13,7 +13,7 @@ follow `ovsam_model.io.images`: the image is prepared in the frame whose size is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -80,6 +80,16 @@ def load_image(record: ImageRecord, prepare: Callable[[np.ndarray], PreparedImag
     return LoadedImage(record, prepare(decoded.array), orientation=decoded.orientation, exif_applied=decoded.exif_applied)
 
 
+def ordered_loader(dataset: Dataset, *, batch_size: int = 1, workers: int = 0, pin_memory: bool = False,
+                   collate_fn: Callable[[list], Any] = list) -> DataLoader:
+    """Batches of `dataset`'s items, in index order, made in `workers` processes (0: in this
+    one). The default `collate_fn=list` keeps the items as they are instead of stacking tensors;
+    `pin_memory` (for CUDA) pins the tensors a batch carries (an item may define `pin_memory()`
+    itself)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=pin_memory)
+
+
 def make_loader(
     images: Sequence[ImageRecord],
     prepare: Callable[[np.ndarray], PreparedImage],
@@ -91,5 +101,4 @@ def make_loader(
     """Batches are lists of `LoadedImage` in the order of `images` (no shuffling; `collate_fn=list`
     keeps the items as they are instead of stacking tensors). `exif`: the frame policy of
     `ovsam_model.io.images` (pass the same value as to `load_image_source`)."""
-    dataset = ImageDataset(images, prepare, exif=exif)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    return ordered_loader(ImageDataset(images, prepare, exif=exif), batch_size=batch_size, workers=workers)
