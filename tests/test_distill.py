@@ -127,6 +127,39 @@ def test_fill_cache_ranks_split_the_images_whenever_they_look(tmp_path):
     assert fill(0) == 0 and fill(1) == 0  # a full cache: nothing computed again
 
 
+def test_fill_cache_workers_write_the_same_cache(data_dir, tmp_path):
+    """The teacher's inputs read in 2 DataLoader workers: the same cache files, bit for bit, as
+    in this process, for one process and for two ranks splitting the images (real images, the
+    tiny teacher, a short last batch); an unreadable image stops the pass with its own error."""
+    from functools import partial
+
+    images = sorted((data_dir / "coco-val2017-mini" / "images").glob("*.jpg"))[:5]
+    if len(images) < 5:
+        pytest.skip("need 5 images in coco-val2017-mini")
+    teacher, identity = build_teacher("tiny", image_size=256, tiny_dims=TINY_DIMS)
+    load = partial(D.load_pixels, size=256, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    caches = {}
+    for ranks in ([(0, 1)], [(0, 2), (1, 2)]):
+        for workers in (0, 2):
+            cache = D.TeacherCache(tmp_path / f"{len(ranks)}-{workers}", identity, 256)
+            sizes = []
+            computed = sum(D.fill_cache(cache, images, teacher, load, device=torch.device("cpu"), batch_size=2,
+                                        rank=rank, world_size=world, workers=workers, progress=sizes.append)
+                           for rank, world in ranks)
+            assert computed == 5 and sum(sizes) == 5
+            caches[len(ranks), workers] = {f.name: torch.load(f, weights_only=True)
+                                           for f in sorted(cache.root.glob("*.pt"))}
+    for ranks in (1, 2):
+        main, workers = caches[ranks, 0], caches[ranks, 2]
+        assert len(main) == 5 and workers.keys() == main.keys()
+        assert all(torch.equal(workers[k], main[k]) for k in main)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(D.DistillError, match="^cannot read image .*broken.jpg"):
+        D.fill_cache(D.TeacherCache(tmp_path / "b", identity, 256), [images[0], broken], teacher, load,
+                     device=torch.device("cpu"), batch_size=1, workers=2)
+
+
 def test_schedule_warmup_then_cosine():
     # hand computation: warmup 4, total 12, floor 1 %
     assert lr_factor(0, 4, 12) == pytest.approx(0.25)

@@ -16,6 +16,7 @@ import math
 import random
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -337,9 +338,10 @@ def _run_distill(cfg: DistillConfig, progress: bool, rank: int, world: int, per_
         teacher_pos = teacher.pos_embed.detach().cpu() if teacher.pos_embed is not None else None
         bar = tqdm(total=sum(not cache.has(p) for p in every[rank::world]), desc="teacher", unit="img", file=sys.stderr,
                    disable=not progress or rank != 0, leave=False)
-        result.teacher_computed = fill_cache(cache, every, teacher, lambda p: load_pixels(p, size, pre.mean, pre.std),
+        result.teacher_computed = fill_cache(cache, every, teacher,
+                                             partial(load_pixels, size=size, mean=pre.mean, std=pre.std),
                                              device=device, batch_size=cfg.teacher_batch, rank=rank,
-                                             world_size=world, progress=bar.update)
+                                             world_size=world, progress=bar.update, workers=cfg.workers)
         bar.close()
         del teacher
         if device.type == "cuda":

@@ -8,16 +8,19 @@ size), so a changed image or another teacher never reuses a stale entry.
 from __future__ import annotations
 
 import hashlib
+import math
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..atomic import torch_save_atomic
 from ..builder import build_sam
+from ..io.loader import ordered_loader
 from ..modeling.fast_attention import use_sdpa
 
 TEACHERS = ("vit_h", "tiny")
@@ -86,6 +89,29 @@ class TeacherCache:
         torch_save_atomic(embedding.detach().to("cpu", torch.float16).contiguous(), self.path_for(image))
 
 
+class _Pixels(Dataset):
+    """Item i: `load_pixels(paths[i])`, or the OSError / ValueError it raised (re-raised by
+    `fill_cache` as it is, not wrapped in a message about the DataLoader worker)."""
+
+    def __init__(self, paths: Sequence[Path], load_pixels: Callable[[Path], torch.Tensor]) -> None:
+        self.paths, self.load_pixels = list(paths), load_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Union[torch.Tensor, Exception]:
+        try:
+            return self.load_pixels(self.paths[i])
+        except (OSError, ValueError) as e:
+            return e
+
+
+def _stack(items: list) -> Union[torch.Tensor, Exception]:
+    """[B, 3, S, S] pixels of a batch (stacked in the worker, so that the batch is pinned), or its first error."""
+    errors = [x for x in items if isinstance(x, Exception)]
+    return errors[0] if errors else torch.stack(items)
+
+
 def fill_cache(
     cache: TeacherCache,
     images: Sequence[Path],
@@ -97,19 +123,33 @@ def fill_cache(
     rank: int = 0,
     world_size: int = 1,
     progress: Optional[Callable[[int], None]] = None,
+    workers: int = 0,
+    pin_memory: Optional[bool] = None,
 ) -> int:
     """Compute and store the embeddings of the images without a cache entry among this rank's
     share (every `world_size`-th image of `images`). `teacher`: pixels [B, 3, S, S] → [B, C, g, g];
-    `load_pixels`: path → [3, S, S]. `progress(n)` is called after each batch with its size.
-    Returns how many embeddings this rank computed.
+    `load_pixels`: path → [3, S, S], run in `workers` DataLoader processes (0: this one; a
+    picklable function, e.g. a `functools.partial`, where workers do not fork), batches in the
+    order of the share;
+    `pin_memory` (default: on CUDA) pins the batches for an asynchronous copy to `device`.
+    `progress(n)` is called after each batch with its size. Returns how many embeddings this
+    rank computed.
 
     The share is taken before looking at the cache: a share of the *missing* images would
     depend on when each rank looks, and a rank that looks after another has written an entry
     would skip an image that no rank then computes."""
     missing = [p for p in list(images)[rank::world_size] if not cache.has(p)]
-    for start in range(0, len(missing), batch_size):
+    if not missing:
+        return 0
+    device = torch.device(device)
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    loader = ordered_loader(_Pixels(missing, load_pixels), batch_size=batch_size, collate_fn=_stack, pin_memory=pin,
+                            workers=min(max(0, workers), math.ceil(len(missing) / batch_size)))
+    for start, batch in zip(range(0, len(missing), batch_size), loader):
+        if isinstance(batch, Exception):
+            raise batch
         chunk = missing[start:start + batch_size]
-        pixels = torch.stack([load_pixels(p) for p in chunk]).to(device)
+        pixels = batch.to(device, non_blocking=pin)
         with torch.no_grad():
             embeddings = teacher(pixels).float()
         for path, emb in zip(chunk, embeddings):
