@@ -106,6 +106,7 @@ def distill(
         if spec.kind != "ovsam":
             raise CliError(f"{model} is a baseline; distillation needs an OVSAM model")
 
+    from ovsam_model.train.common import local_rank_zero_first
     from ovsam_model.train.distill import DistillConfig, DistillError, DistillInterrupted, run_distill
     from ovsam_model.weights import resolve_model_weights
 
@@ -114,10 +115,11 @@ def distill(
         # the teacher's SAM ViT-H checkpoint (fetched for --teacher vit_h), and the adapter to start
         # from (only a given --checkpoint sam2clip=PATH: the student starts random otherwise)
         extra = [sam_weight("vit_h")] + ([] if SAM2CLIP.component in spec.components else [SAM2CLIP])
-        weights = resolve_model_weights(spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides,
-                                        clip_weights=clip_weights, extra_files=extra,
-                                        components=["sam"] if teacher is Teacher.vit_h else [],
-                                        progress=not quiet)
+        # under torchrun, local rank 0 downloads what the cache lacks while the other ranks wait
+        weights = local_rank_zero_first(lambda: resolve_model_weights(
+            spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides, clip_weights=clip_weights,
+            extra_files=extra, components=["sam"] if teacher is Teacher.vit_h else [], progress=not quiet,
+            fetch_clip=env.distributed))
         cfg = DistillConfig(
             images=images, out=out, model=model, teacher=teacher.value, teacher_cache=teacher_cache, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup_iters=warmup_iters,

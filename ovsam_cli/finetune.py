@@ -132,6 +132,7 @@ def finetune(
         if spec.kind != "ovsam":
             raise CliError(f"{model} is a baseline; finetuning needs an OVSAM model")
 
+    from ovsam_model.train.common import local_rank_zero_first
     from ovsam_model.train.finetune import FinetuneConfig, FinetuneError, FinetuneInterrupted, run_finetune
     from ovsam_model.weights import resolve_cache_dir, resolve_model_weights
 
@@ -143,9 +144,11 @@ def finetune(
         wanted = [c for c in ("sam2clip", "prompt_encoder") if c in spec.components]
         if spec.files and "clip2sam" not in overrides:
             wanted.append("sam_decoder")
-        weights = resolve_model_weights(spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides,
-                                        clip_weights=clip_weights, components=wanted,
-                                        extra_files=[sam_decoder_weight("vit_h")], progress=not quiet)
+        # under torchrun, local rank 0 downloads what the cache lacks while the other ranks wait
+        weights = local_rank_zero_first(lambda: resolve_model_weights(
+            spec, cache_dir=cache_dir, offline=opts["offline"], overrides=overrides, clip_weights=clip_weights,
+            components=wanted, extra_files=[sam_decoder_weight("vit_h")], progress=not quiet,
+            fetch_clip=env.distributed))
         cfg = FinetuneConfig(
             ann=ann, images=images, out=out, dataset=dataset.value, model=model, epochs=epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, warmup_iters=warmup_iters, milestones=steps, grad_clip=grad_clip,

@@ -302,6 +302,7 @@ def resolve_model_weights(
     components: Optional[Iterable[str]] = None,
     extra_files: Iterable[WeightFile] = (),
     progress: bool = True,
+    fetch_clip: bool = False,
 ) -> ResolvedWeights:
     """The local weight files of `spec` and its CLIP, fetched or taken from the cache or the
     user's files: the one place that turns `--cache-dir`, `--offline`, `--checkpoint` and
@@ -311,12 +312,16 @@ def resolve_model_weights(
     `overrides`: component → a user file (`--checkpoint`); `extra_files`: files outside the
     spec (see `resolve_weights`); `components`: only these of the spec's and the extra files
     (plus any overridden one; default all); `clip_weights`: a local open_clip file
-    (`--clip-weights`).
+    (`--clip-weights`); `fetch_clip`: download the CLIP weights now when they are not cached
+    (`download_clip`), so that `clip_pretrained` is a local file, not a tag that open_clip
+    would download on every process of a torchrun job.
     Raises `WeightsError` (one line) for a missing, unreachable or corrupt file.
     """
     paths = resolve_weights(spec, cache_dir=cache_dir, offline=offline, overrides=overrides, components=components,
                             progress=progress, extra_files=extra_files)
     clip_arg = clip_pretrained_arg(spec, clip_weights, offline, cache_dir)
+    if fetch_clip and clip_weights is None and clip_arg is not None and clip_arg == spec.clip_pretrained:
+        clip_arg = str(download_clip(spec, cache_dir))
     return ResolvedWeights(
         paths=paths,
         clip_pretrained=clip_arg,

@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -70,6 +70,42 @@ def barrier(world: int) -> None:
     """Wait for every process (no-op for a single one)."""
     if world > 1:
         dist.barrier()
+
+
+T = TypeVar("T")
+
+
+def local_rank_zero_first(fetch: Callable[[], T]) -> T:
+    """`fetch()` (resolving weight files: it downloads what the cache lacks) under torchrun:
+    local rank 0 of each node runs it first while the other ranks wait at a barrier, then they
+    run it too and find the files in the cache. Outside torchrun: just `fetch()`.
+
+    Initialises the process group (`dist_info`). The barrier is an all-reduce of a failure
+    flag: when a local rank 0 fails, it raises its own error and every other rank raises a
+    one-line `WeightsError` instead of downloading the files itself or waiting forever."""
+    from ..weights import WeightsError
+
+    _, world = dist_info()
+    if world == 1:
+        return fetch()
+    local_rank = DistEnv.from_env().local_rank
+    result: Optional[T] = None
+    error: Optional[BaseException] = None
+    if local_rank == 0:
+        try:
+            result = fetch()
+        except Exception as e:
+            error = e
+    failed = torch.tensor([float(error is not None)])
+    if dist.get_backend() == "nccl":
+        torch.cuda.set_device(local_rank)
+        failed = failed.cuda()
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if float(failed.item()) > 0:
+        raise WeightsError("local rank 0 could not fetch the weight files (its message says why)")
+    return result if local_rank == 0 else fetch()
 
 
 # Options that may change between a run and its --resume (how it runs, not what it computes).
