@@ -201,6 +201,8 @@ def execute(job: LabelJob, device: str, devices: Optional[str]) -> None:
         _run(job, 0, 1, device)
         return
     listed = _device_list(devices) if devices else None
+    if job.model.compile and any(d.split(":")[0] != "cuda" for d in listed or [resolve_device(device)]):
+        raise CliError("--compile needs a CUDA device")
     if listed and len(listed) > 1 and not env.distributed:
         if job.out is None:
             raise CliError("--devices with several devices needs --out FILE")
@@ -355,6 +357,7 @@ def label(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its part file next to --out (same inputs and options).")] = False,
     no_amp: Annotated[bool, typer.Option("--no-amp", help="Run in float32 on CUDA (default: bf16 autocast).")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the CLIP trunk and the SAM2CLIP adapter (OVSAM models, CUDA only): the first batch compiles, later ones run faster.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding and resizing images.")] = 2,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Alternative labels kept per mask (field 'topk').")] = 5,
     roi_box: RoiBoxOpt = RoiBox.mask,
@@ -448,6 +451,7 @@ def label(
                 batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet, sink=sink, ray=ray_job,
                 model=ModelSettings(model=model, vocab=vocab, vocab_names=vocab_names, box_batch=box_batch,
                                     amp=not no_amp, topk=topk, roi_box=roi_box.value, random_weights=random_weights,
+                                    compile=compile_,
                                     weights=weight_options(cache_dir, offline, checkpoint, clip_weights,
                                                            _model_components(model))),
             )

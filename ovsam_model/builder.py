@@ -18,6 +18,7 @@ from .checkpoint import load_spec_weights, load_weight_file
 from .config import TINY
 from .modeling.baselines import SAMClipBaseline, build_tiny_sam
 from .modeling.clip_trunk import ClipTrunk
+from .modeling.compiled import compile_image_side
 from .modeling.fast_attention import use_sdpa
 from .modeling.ovsam import OVSAM
 from .predictor import OVSAMPredictor
@@ -99,14 +100,20 @@ def build_predictor(
     alpha: Optional[float] = None,
     beta: Optional[float] = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> Predictor:
     """A ready predictor: weights fetched (or taken from `overrides` / the cache), vocabulary
     embedded with the model's own CLIP text tower (cached), the ensemble's seen classes set from
     the model's training vocabulary. `roi_box` ("mask": the predicted mask's box, the official
     choice; "prompt": the prompt box), `alpha` and `beta` override the registry's settings.
-    Raises `WeightsError` / `CheckpointError` with one-line messages when weights are missing
-    or malformed."""
+    `compile`: `torch.compile` the CLIP trunk and the SAM2CLIP adapter (OVSAM models on CUDA:
+    `modeling.compiled`). Raises `WeightsError` / `CheckpointError` with one-line messages when
+    weights are missing or malformed, ValueError for options that do not apply."""
     spec = resolve_spec(name)
+    if compile and spec.kind != "ovsam":
+        raise ValueError(f"--compile applies to OVSAM models; {spec.name} is a baseline")
+    if compile and torch.device(device).type != "cuda":
+        raise ValueError(f"--compile needs a CUDA device (the device is {device})")
     overrides_cfg = {k: v for k, v in (("roi_box", roi_box), ("alpha", alpha), ("beta", beta)) if v is not None}
     if roi_box not in (None, "mask", "prompt"):
         raise ValueError(f"roi_box must be 'mask' or 'prompt', not {roi_box!r}")
@@ -144,8 +151,11 @@ def build_predictor(
     hashes = resolved.sha256
     if spec.kind == "ovsam":
         seen = seen_mask(vocabulary, load_vocabulary(spec.train_vocabulary))
-        return OVSAMPredictor(model, vocabulary, class_embeds, seen, device=device, box_chunk=box_chunk, amp=amp,
-                              topk=topk, mask_postprocess=mask_postprocess, weights_sha256=hashes)
+        predictor = OVSAMPredictor(model, vocabulary, class_embeds, seen, device=device, box_chunk=box_chunk, amp=amp,
+                                   topk=topk, mask_postprocess=mask_postprocess, weights_sha256=hashes)
+        if compile:
+            compile_image_side(predictor.model)
+        return predictor
     mode = "image-crop" if spec.kind == "baseline-image-crop" else "feature-crop"
     baseline = SAMClipBaseline(sam, encoder, vocabulary, class_embeds, mode, device=device, box_chunk=box_chunk,
                                topk=topk, clip_roi_size=spec.config.clip_roi_size)

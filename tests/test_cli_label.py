@@ -290,6 +290,7 @@ def test_missing_image_file_is_skipped(mini, tmp_path):
         ("bad_device", "Invalid value for --device: 'gpu0'"),
         ("checkpoint_syntax", "'clip2sam': expected COMPONENT=PATH"),
         ("checkpoint_component", "unknown component 'sam' (this model has: sam2clip, clip2sam, prompt_encoder)"),
+        ("compile_on_cpu", "--compile needs a CUDA device"),
     ],
 )
 def test_bad_inputs(case, message, mini, tmp_path):
@@ -310,6 +311,7 @@ def test_bad_inputs(case, message, mini, tmp_path):
         "bad_device": ["--boxes", good, "--device", "gpu0"],
         "checkpoint_syntax": ["--boxes", good, "--checkpoint", "clip2sam"],
         "checkpoint_component": ["--boxes", good, "--checkpoint", "sam=x.pth"],
+        "compile_on_cpu": ["--boxes", good, "--compile"],
     }[case]
     stdin = {
         "malformed": '[{"image_id": 1,, }]',

@@ -44,6 +44,7 @@ class ModelSettings:
     roi_box: str = "mask"
     random_weights: bool = False
     weights: dict[str, Any] = field(default_factory=dict)
+    compile: bool = False  # torch.compile the CLIP trunk and the SAM2CLIP adapter (OVSAM on CUDA)
 
     def options(self) -> dict[str, Any]:
         """What the output depends on, by the option name a user changes (resume fingerprint)."""
@@ -59,7 +60,10 @@ class ModelSettings:
                 # the decoder's GEMMs may round differently for other chunk sizes (seen on CPU for
                 # chunks of 1), so a resume must not mix two answers
                 "--box-batch": self.box_batch,
-                "--device (type)": resolve_device(self.device).split(":")[0]}  # CPU and CUDA kernels round differently
+                "--device (type)": resolve_device(self.device).split(":")[0],  # CPU and CUDA kernels round differently
+                # compiled kernels may fuse and round differently; absent when off, so that the
+                # fingerprints of runs made before the option existed stay as they were
+                **({"--compile": True} if self.compile else {})}
 
 
 def resolve_device(device: str) -> str:
@@ -79,7 +83,7 @@ def load_predictor(settings: ModelSettings, vocabulary: Any = None) -> Any:
     return build_predictor(settings.model, vocab=vocabulary, names_file=settings.vocab_names,
                            device=resolve_device(settings.device), box_chunk=settings.box_batch, amp=settings.amp,
                            topk=settings.topk, roi_box=settings.roi_box, random_weights=settings.random_weights,
-                           **settings.weights)
+                           compile=settings.compile, **settings.weights)
 
 
 def choose_vocabulary(vocab: Optional[str], label_source: str, images: ImageSource,
