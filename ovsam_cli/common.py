@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional, Sequence
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console, ConsoleDimensions

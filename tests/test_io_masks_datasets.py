@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,11 +10,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ovsam_model.io.datasets import ImageRecord, load_image_source
-from ovsam_model.io.detections import InputError, PromptRecord, SkipReason
+from ovsam_model.io.datasets import load_image_source
+from ovsam_model.io.detections import InputError, SkipReason
 from ovsam_model.io.loader import make_loader
 from ovsam_model.io.masks import encode_rle, mask_polygons, rle_area, rle_bbox
-from ovsam_model.types import PreparedImage, Prediction
+from ovsam_model.types import PreparedImage
 
 
 def _masks(n=3, h=17, w=23, seed=0):
