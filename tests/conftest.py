@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -68,3 +70,23 @@ def random_ovsam():
 def _deterministic_seed():
     """Every test starts from the same torch RNG state, so no result depends on test order."""
     torch.manual_seed(0)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch on `n` intra-op threads for the block (CPU kernels round by thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on the 2 cores shared with other jobs, OpenMP's barriers made many small or mid-sized operations
+    slower on two threads than on one (the tiny trunk's convolutions up to 100x)."""
+    with torch_threads(1):
+        yield

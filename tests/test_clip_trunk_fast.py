@@ -57,14 +57,7 @@ def _build(seed: int) -> ClipTrunk:
     return trunk
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny trunk gains nothing from a second thread, and on a CPU shared with other jobs
-    OpenMP's waits made its small convolutions up to 100× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from segment_anything.modeling import PromptEncoder
 from ovsam_model.modeling.decoder import OneTokenMaskDecoder, OVSAMHead
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the 2 cores shared with other jobs, OpenMP's barriers make two
-    threads slower than one for these many mid-sized operations."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sharpen(head: OVSAMHead) -> OVSAMHead:

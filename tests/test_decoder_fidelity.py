@@ -16,14 +16,7 @@ from ovsam_model.modeling.clip_trunk import ClipTrunk
 from ovsam_model.transforms import boxes_to_model, coords_to_model, prepare_image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the 2 cores shared with other jobs, OpenMP's barriers make two
-    threads slower than one for these many mid-sized operations."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

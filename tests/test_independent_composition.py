@@ -74,13 +74,7 @@ ROI_SIZE = 12  # the COCO config's RoI (and `tiny`'s), and RN50x16's 12×12 atte
 BOXES_PER_IMAGE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the machine's 2 cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- data

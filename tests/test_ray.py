@@ -14,11 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from ovsam_model import label_images, open_labeler
@@ -26,6 +24,7 @@ from ovsam_model.everything import EverythingSettings
 from ovsam_model.labeling.engine import LabelEvents
 from ovsam_model.labeling.ray_runner import RayLabeler, RaySettings  # imports no ray
 
+from conftest import torch_threads
 from test_cli_label import app, cached_model, mini  # noqa: F401  (fixtures: the cached tiny models, the mini-val data)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,15 +41,6 @@ def local_ray():
     ray.shutdown()
 
 
-@contextmanager
-def one_thread():
-    """torch on one thread, as in an actor of one CPU (CPU kernels round by thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +77,7 @@ def test_cli_ray_is_byte_identical_and_a_killed_actor_loses_nothing(local_ray, b
     those of `ovsam label` without Ray."""
     tmp, images, ann, ids = boxes_inputs
     args = ["--boxes", tmp / "boxes.json", "--images", images, "--ann", ann, "--batch-size", 1]
-    with one_thread():
+    with torch_threads(1):  # as in an actor of one CPU (CPU kernels round by thread count)
         plain = cli(*args, "--out", tmp / "plain.json")
     assert plain.exit_code == 0, plain.output
     assert "image file missing or corrupt" in plain.stderr and "missing field 'bbox'" in plain.stderr
@@ -133,7 +123,7 @@ def test_everything_on_ray_resumes_without_recomputing_a_block_and_equals_the_pl
     settings = EverythingSettings(points_per_side=4, stability_score_thresh=0.0, stability_score_offset=0.01,
                                   drop_background=False)
     common = dict(everything=settings, ann=ann, fmt="dataset", model="tiny", device="cpu", batch_size=1)
-    with one_thread():
+    with torch_threads(1):
         plain = label_images(root / "images", out=tmp_path / "plain.json", workers=0, **common)
     assert plain.records and plain.images == len(ids)
 

@@ -24,7 +24,8 @@ from ovsam_model.io.datasets import load_image_source
 from ovsam_model.io.detections import InputError, read_box_records
 
 from test_cli_label import _lvis_gt, cached_model, mini  # noqa: F401  (fixtures: the cached tiny models, the mini-val data)
-from test_ray import cli, local_ray, one_thread, summary_lines  # noqa: F401  (the module's local Ray instance)
+from conftest import torch_threads
+from test_ray import cli, local_ray, summary_lines  # noqa: F401  (the module's local Ray instance)
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "ovsam-test"
@@ -82,7 +83,7 @@ def inputs(mini, s3, tmp_path_factory):
 def plain(inputs):
     """`ovsam label` on the local copies (one torch thread, as a Ray actor of one CPU)."""
     local, _, _ = inputs
-    with one_thread():
+    with torch_threads(1):
         r = cli("--boxes", local / "boxes.json", "--images", local / "images", "--ann", local / "ann.json",
                 "--batch-size", 2, "--format", "dataset", "--out", local / "plain.json")
     assert r.exit_code == 0, r.output
@@ -95,7 +96,7 @@ def test_inputs_in_object_storage_give_the_bytes_of_local_copies(inputs, plain, 
     dataset JSON (file names, sizes, masks, labels) and the same summary, the missing object
     skipped and counted as a missing local file is."""
     _, uri, ids = inputs
-    with one_thread():
+    with torch_threads(1):
         r = cli("--boxes", f"{uri}/boxes.json", "--images", f"{uri}/images", "--ann", f"{uri}/ann.json",
                 "--batch-size", 2, "--format", "dataset", "--out", tmp_path / "s3.json", "--workers", 1)
     assert r.exit_code == 0, r.output
