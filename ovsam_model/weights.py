@@ -5,11 +5,14 @@ sha256 recorded at download, so every later cache hit is verified without the ne
 when the registry knows no checksum. CLIP weights stay in open_clip's own (Hugging Face hub)
 cache, under `<cache>/open_clip` when downloaded through us.
 
-All network access goes through `_open_url` (tests replace it).
+All network access goes through `_open_url` (tests replace it). Processes that fetch the same
+file at once (torchrun ranks of `ovsam label`, `--devices`, Ray actors on one node) take turns
+on a lock file beside it (`_cache_lock`): one downloads, the others then find it cached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -22,9 +25,14 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; concurrent downloads stay safe (atomic rename), only wasteful
+    fcntl = None  # type: ignore[assignment]
 
 from ovsam_model.atomic import atomic_path, write_text_atomic
 from ovsam_model.registry import ModelSpec, WeightFile, prompt_encoder_weight
@@ -217,6 +225,29 @@ def _fetch_extracted(wf: WeightFile, cache: Path, *, offline: bool, model: Optio
                 p.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _cache_lock(cache: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on `<cache>/.<name>.lock` (waiting for it), so that one process
+    at a time looks up, downloads or extracts `name`. The lock file stays (it is empty); the OS
+    releases the lock of a killed process."""
+    handle = None
+    if fcntl is not None:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            handle = open(cache / f".{name}.lock", "a+b")
+        except OSError:  # a read-only cache (offline use of a shared copy): nothing to download into anyway
+            handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def fetch_file(wf: WeightFile, *, cache_dir: str | Path | None = None, offline: bool | None = None,
                override: str | Path | None = None, progress: bool = True, model: Optional[str] = None) -> Path:
     """A local path for `wf`: the `override` as is, else a verified cache hit, else a download.
@@ -230,9 +261,10 @@ def fetch_file(wf: WeightFile, *, cache_dir: str | Path | None = None, offline: 
             raise WeightsError(f"--checkpoint {wf.component}={path}: no such file")
         return path
     cache = resolve_cache_dir(cache_dir)
-    if wf.extract_to:
-        return _fetch_extracted(wf, cache, offline=is_offline(offline), model=model, progress=progress)
-    return _fetch_plain(wf, cache, offline=is_offline(offline), model=model, progress=progress)
+    with _cache_lock(cache, wf.filename):
+        if wf.extract_to:
+            return _fetch_extracted(wf, cache, offline=is_offline(offline), model=model, progress=progress)
+        return _fetch_plain(wf, cache, offline=is_offline(offline), model=model, progress=progress)
 
 
 def resolve_weights(spec: ModelSpec, *, cache_dir: str | Path | None = None, offline: bool | None = None,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 import urllib.error
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,7 +123,10 @@ def wf_(sha256: str | None = SHA, size: int | None = len(CONTENT), name: str = "
 
 
 def leftovers(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    """The cache's files, less the (empty, persistent) lock files of `weights._cache_lock`."""
+    if not cache.exists():
+        return []
+    return sorted(p.name for p in cache.iterdir() if not (p.name.startswith(".") and p.name.endswith(".lock")))
 
 
 def test_valid_cache_is_used_without_network(tmp_path, monkeypatch):
@@ -372,3 +377,42 @@ def test_build_sam_variants():
         build_sam("vit_x")
     with pytest.raises(ValueError, match="random weights only"):
         build_sam("tiny", "sam.pth")
+
+
+class SlowNet(FakeNet):
+    """A FakeNet whose responses take a while, so that concurrent fetches overlap."""
+
+    def __call__(self, url: str):
+        resp = super().__call__(url)
+        time.sleep(0.3)
+        return resp
+
+
+def test_concurrent_fetches_of_one_file_download_it_once(tmp_path, monkeypatch):
+    """Four fetches of the same missing file at once (as torchrun ranks of `ovsam label`): one
+    downloads, the others wait for the cache lock and then find it cached and verified.
+    (flock locks conflict between separate opens, so threads stand in for processes.)"""
+    fake = SlowNet()
+    monkeypatch.setattr(weights, "_open_url", fake)
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: fetch_file(wf_(), cache_dir=tmp_path, progress=False), range(4)))
+    assert paths == [tmp_path / "clip2sam_coco_rn50x16.pth"] * 4
+    assert len(fake.calls) == 1
+    assert paths[0].read_bytes() == CONTENT
+    assert leftovers(tmp_path) == ["clip2sam_coco_rn50x16.pth", "clip2sam_coco_rn50x16.pth.sha256"]
+
+
+def test_a_read_only_cache_is_read_without_a_lock(tmp_path, monkeypatch):
+    """A cache the user may not write to (a shared read-only copy) still serves its files."""
+    monkeypatch.setattr(weights, "_open_url", FakeNet(error=AssertionError("network used")))
+    (tmp_path / "clip2sam_coco_rn50x16.pth").write_bytes(CONTENT)
+    (tmp_path / "clip2sam_coco_rn50x16.pth.sha256").write_text(f"{SHA}  clip2sam_coco_rn50x16.pth\n")
+    real_open = open
+
+    def no_lock_files(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_lock_files)
+    assert fetch_file(wf_(), cache_dir=tmp_path, offline=True) == tmp_path / "clip2sam_coco_rn50x16.pth"
