@@ -91,7 +91,7 @@ def _run_child(case: str, mask_format: str, args: argparse.Namespace) -> dict:
 
 
 def _summary(results: list[dict]) -> None:
-    print(f"\n| case | format | masks | peak RSS MiB | RSS before predicting MiB | seconds |")
+    print("\n| case | format | masks | peak RSS MiB | RSS before predicting MiB | seconds |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['case']} | {r['format']} | {r['masks']} | {r['peak_mib']:,.0f} | {r['ready_peak_mib']:,.0f} "

@@ -5,6 +5,7 @@ Rows, each timed over the same `--n-images` images and their detector boxes afte
   ovsam                  `ovsam label`'s engine (`open_labeler(...).run`) with ovsam-rn50x16-lvis:
                          JPEG decoding, the model, RLE, the results JSON
   ovsam (plain path)     the same with every exact fast path off (`set_fast_path(model, False)`), with --plain
+  ovsam, bf16 on CPU     the ovsam row under bf16 autocast on CPU (`--cpu-bf16` of `ovsam label`), with --cpu-bf16
   image-crop baseline    the same engine with `baseline-image-crop` (SAM ViT-H + CLIP on image crops)
   feature-crop baseline  the same engine with `baseline-feature-crop`
   SAM alone              segment-anything's `SamPredictor` (ViT-H): `set_image`, `predict_torch` on the
@@ -96,7 +97,7 @@ def _dataset(ann: Path, image_ids: list[int]) -> Path:
 
 
 def engine_row(name: str, model: str, args: argparse.Namespace, records: list[dict], image_ids: list[int],
-               plain: bool = False, batch_size: Optional[int] = None) -> dict[str, Any]:
+               plain: bool = False, batch_size: Optional[int] = None, cpu_bf16: bool = False) -> dict[str, Any]:
     """One model through `ovsam label`'s engine: a warm-up image, then the timed images."""
     import torch
 
@@ -111,7 +112,7 @@ def engine_row(name: str, model: str, args: argparse.Namespace, records: list[di
                                         spec.config.clip.embed_dim)
     torch.manual_seed(0)
     settings = ModelSettings(model=model, random_weights=True, device=args.device,
-                             amp=args.device.startswith("cuda"), box_batch=args.box_batch)
+                             amp=args.device.startswith("cuda"), box_batch=args.box_batch, cpu_bf16=cpu_bf16)
     predictor = load_predictor(settings, vocabulary)
     switched = set_fast_path(predictor.model, False) if plain else 0  # only ovsam has a plain row
     out = Path(tempfile.mkdtemp(prefix="ovsam-bench-"))
@@ -212,6 +213,7 @@ def main() -> None:
     ap.add_argument("--rows", default="ovsam,image-crop,feature-crop,sam",
                     help="comma list of ovsam, image-crop, feature-crop, sam")
     ap.add_argument("--plain", action="store_true", help="add an ovsam row with every exact fast path off")
+    ap.add_argument("--cpu-bf16", action="store_true", help="add an ovsam row under bf16 autocast on CPU (--device cpu)")
     ap.add_argument("--sweep", action="store_true", help="add ovsam rows for 1/10/100/300 boxes and batch 1/2/4/8")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="append here ('' = don't)")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -247,6 +249,10 @@ def main() -> None:
         add(engine_row("ovsam", args.model, args, records, image_ids))
     if args.plain:
         add(engine_row("ovsam, plain path", args.model, args, records, image_ids, plain=True))
+    if args.cpu_bf16:
+        if not args.device.startswith("cpu"):
+            raise SystemExit("--cpu-bf16 needs --device cpu")
+        add(engine_row("ovsam, bf16 on CPU", args.model, args, records, image_ids, cpu_bf16=True))
     for model in BASELINES:
         if model.removeprefix("baseline-") in wanted:
             variant = f":{args.baseline_variant}" if args.baseline_variant else ""

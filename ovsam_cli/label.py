@@ -357,6 +357,7 @@ def label(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its part file next to --out (same inputs and options).")] = False,
     no_amp: Annotated[bool, typer.Option("--no-amp", help="Run in float32 on CUDA (default: bf16 autocast).")] = False,
+    cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16", help="Run OVSAM models under bf16 autocast on CPU too, as on CUDA: about 1.8x faster on CPUs with native bf16 (AVX512-BF16 or AMX), slower on others; masks agree with float32 at IoU >= 0.98.")] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the CLIP trunk and the SAM2CLIP adapter (OVSAM models, CUDA only): the first batch compiles, later ones run faster.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding and resizing images.")] = 2,
     topk: Annotated[int, typer.Option("--topk", min=1, help="Alternative labels kept per mask (field 'topk').")] = 5,
@@ -451,7 +452,7 @@ def label(
                 batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet, sink=sink, ray=ray_job,
                 model=ModelSettings(model=model, vocab=vocab, vocab_names=vocab_names, box_batch=box_batch,
                                     amp=not no_amp, topk=topk, roi_box=roi_box.value, random_weights=random_weights,
-                                    compile=compile_,
+                                    compile=compile_, cpu_bf16=cpu_bf16,
                                     weights=weight_options(cache_dir, offline, checkpoint, clip_weights,
                                                            _model_components(model))),
             )

@@ -94,6 +94,7 @@ def build_predictor(
     clip_weights: Optional[Union[str, Path]] = None,
     box_chunk: int = 64,
     amp: bool = True,
+    cpu_bf16: bool = False,
     topk: int = 5,
     mask_postprocess: str = "fast",
     roi_box: Optional[str] = None,
@@ -106,12 +107,15 @@ def build_predictor(
     embedded with the model's own CLIP text tower (cached), the ensemble's seen classes set from
     the model's training vocabulary. `roi_box` ("mask": the predicted mask's box, the official
     choice; "prompt": the prompt box), `alpha` and `beta` override the registry's settings.
+    `amp`: bf16 autocast on CUDA; `cpu_bf16`: bf16 autocast on CPU too (OVSAM models).
     `compile`: `torch.compile` the CLIP trunk and the SAM2CLIP adapter (OVSAM models on CUDA:
     `modeling.compiled`). Raises `WeightsError` / `CheckpointError` with one-line messages when
     weights are missing or malformed, ValueError for options that do not apply."""
     spec = resolve_spec(name)
     if compile and spec.kind != "ovsam":
         raise ValueError(f"--compile applies to OVSAM models; {spec.name} is a baseline")
+    if cpu_bf16 and spec.kind != "ovsam":
+        raise ValueError(f"--cpu-bf16 applies to OVSAM models; {spec.name} is a baseline")
     if compile and torch.device(device).type != "cuda":
         raise ValueError(f"--compile needs a CUDA device (the device is {device})")
     overrides_cfg = {k: v for k, v in (("roi_box", roi_box), ("alpha", alpha), ("beta", beta)) if v is not None}
@@ -152,6 +156,7 @@ def build_predictor(
     if spec.kind == "ovsam":
         seen = seen_mask(vocabulary, load_vocabulary(spec.train_vocabulary))
         predictor = OVSAMPredictor(model, vocabulary, class_embeds, seen, device=device, box_chunk=box_chunk, amp=amp,
+                                   cpu_bf16=cpu_bf16,
                                    topk=topk, mask_postprocess=mask_postprocess, weights_sha256=hashes)
         if compile:
             compile_image_side(predictor.model)

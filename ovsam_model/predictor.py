@@ -23,7 +23,8 @@ class OVSAMPredictor(ChunkedPredictor):
     chunks of `box_chunk` (the loop, masks and output formats: `chunked.ChunkedPredictor`).
 
     class_embeds: [K, P, D] text embeddings; seen: [K] bool, the classes the head was trained on
-    (they weight the head/CLIP ensemble). `amp`: bf16 autocast on CUDA.
+    (they weight the head/CLIP ensemble). `amp`: bf16 autocast on CUDA; `cpu_bf16`: the same on
+    CPU (a speed-up on CPUs with native bf16: `runtime.cpu_has_native_bf16`).
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class OVSAMPredictor(ChunkedPredictor):
         device: str | torch.device = "cpu",
         box_chunk: int = 64,
         amp: bool = True,
+        cpu_bf16: bool = False,
         topk: int = 5,
         mask_postprocess: str = "fast",
         weights_sha256: Optional[dict[str, str]] = None,
@@ -48,14 +50,14 @@ class OVSAMPredictor(ChunkedPredictor):
         self.model = model.to(self.device).eval()
         self.class_embeds = add_background(class_embeds.float()).to(self.device)
         self.seen = seen.to(self.device)
-        self.amp = amp
+        self.amp, self.cpu_bf16 = amp, cpu_bf16
 
     @property
     def cfg(self):
         return self.model.cfg
 
     def _encode_images(self, pixels: torch.Tensor) -> ImageFeatures:
-        with autocast_context(self.device, self.amp):
+        with autocast_context(self.device, self.amp, self.cpu_bf16):
             return self.model.encode_images(pixels)
 
     def _decode_chunk(self, feats: ImageFeatures, index: int, prompts: ModelPrompts,
@@ -64,7 +66,7 @@ class OVSAMPredictor(ChunkedPredictor):
 
     def decode_masks(self, feats: ImageFeatures, index: int, prompts: ModelPrompts,
                      input_size: tuple[int, int]) -> MaskStage:
-        with autocast_context(self.device, self.amp):
+        with autocast_context(self.device, self.amp, self.cpu_bf16):
             logits, label_embed = self.model.decode_masks(feats, index, boxes=prompts.boxes, points=prompts.points,
                                                           point_labels=prompts.point_labels)
         return MaskStage(low_res=logits, state=_Decoded(feats, index, prompts, input_size, label_embed))
@@ -74,7 +76,7 @@ class OVSAMPredictor(ChunkedPredictor):
         logits, label_embed, prompts = stage.low_res, s.label_embed, s.prompts
         if rows is not None:
             logits, label_embed, prompts = logits[rows], label_embed[rows], prompts.select(rows)
-        with autocast_context(self.device, self.amp):
+        with autocast_context(self.device, self.amp, self.cpu_bf16):
             out = self.model.classify_regions(s.feats, s.index, logits, label_embed, boxes=prompts.boxes,
                                               points=prompts.points, point_labels=prompts.point_labels,
                                               input_size=s.input_size)

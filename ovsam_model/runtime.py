@@ -31,10 +31,22 @@ class DistEnv:
                    local_rank=int(env.get("LOCAL_RANK", "0")))
 
 
-def autocast_context(device, amp: bool):
-    """bf16 autocast on CUDA when `amp`; a no-op elsewhere (CPU runs stay float32)."""
+def autocast_context(device, amp: bool, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA when `amp`, on CPU when `cpu_bf16`; float32 otherwise."""
     import torch
 
-    if amp and torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    kind = torch.device(device).type
+    if (amp and kind == "cuda") or (cpu_bf16 and kind == "cpu"):
+        return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast runs the
+    convolutions and matrix products ~2x faster than float32; elsewhere it is emulated and slower."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private oneDNN query: absent from some builds
+        return False

@@ -40,6 +40,7 @@ class ModelSettings:
     device: str = "auto"
     box_batch: int = 64
     amp: bool = True
+    cpu_bf16: bool = False  # bf16 autocast on CPU too (OVSAM)
     topk: int = 5
     roi_box: str = "mask"
     random_weights: bool = False
@@ -63,7 +64,16 @@ class ModelSettings:
                 "--device (type)": resolve_device(self.device).split(":")[0],  # CPU and CUDA kernels round differently
                 # compiled kernels may fuse and round differently; absent when off, so that the
                 # fingerprints of runs made before the option existed stay as they were
-                **({"--compile": True} if self.compile else {})}
+                **({"--compile": True} if self.compile else {}),
+                **({"--cpu-bf16": True} if self.cpu_bf16 and resolve_device(self.device).startswith("cpu") else {})}
+
+    def warnings(self) -> list[str]:
+        """One-line warnings about these settings on this machine."""
+        from ovsam_model.runtime import cpu_has_native_bf16
+
+        if self.cpu_bf16 and resolve_device(self.device).startswith("cpu") and not cpu_has_native_bf16():
+            return ["this CPU has no native bf16 (AVX512-BF16 or AMX): --cpu-bf16 will run slower than float32"]
+        return []
 
 
 def resolve_device(device: str) -> str:
@@ -82,6 +92,7 @@ def load_predictor(settings: ModelSettings, vocabulary: Any = None) -> Any:
 
     return build_predictor(settings.model, vocab=vocabulary, names_file=settings.vocab_names,
                            device=resolve_device(settings.device), box_chunk=settings.box_batch, amp=settings.amp,
+                           cpu_bf16=settings.cpu_bf16,
                            topk=settings.topk, roi_box=settings.roi_box, random_weights=settings.random_weights,
                            compile=settings.compile, **settings.weights)
 
@@ -123,7 +134,7 @@ def build_for_run(settings: ModelSettings, label_source: str, images: ImageSourc
     and `vocabulary_warnings`."""
     vocabulary, origin = choose_vocabulary(settings.vocab, label_source, images, ann)
     predictor = load_predictor(load_as or settings, vocabulary)
-    return predictor, vocabulary, origin, vocabulary_warnings(predictor, settings.vocab, images)
+    return predictor, vocabulary, origin, settings.warnings() + vocabulary_warnings(predictor, settings.vocab, images)
 
 
 def check_inputs(images: Union[PathLike, ImageSource], source: PromptSource, *, ann: Optional[PathLike] = None,
