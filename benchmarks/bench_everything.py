@@ -145,7 +145,8 @@ def _ovsam_side(case: dict, timer: PhaseTimer):
     from ovsam_model.everything import EverythingGenerator, EverythingSettings
     from ovsam_model.labeling.api import ModelSettings, load_predictor
 
-    settings = ModelSettings(model=case["model"], random_weights=True, device=case["device"], amp=case["amp"])
+    settings = ModelSettings(model=case["model"], random_weights=True, device=case["device"], amp=case["amp"],
+                             cpu_bf16=case.get("cpu_bf16", False))
     vocabulary = None
     if not case["encode_vocab"]:
         from ovsam_model.registry import resolve_spec
@@ -238,6 +239,8 @@ def main() -> None:
     ap.add_argument("--filters", choices=("off", "default", "both"), default="off",
                     help="off: every quality filter off on both sides (the fair comparison); default: each "
                          "side's default thresholds; both: the two")
+    ap.add_argument("--cpu-bf16", action="store_true", help="add an OVSAM row under bf16 autocast on CPU "
+                    "(`ovsam label --cpu-bf16`)")
     ap.add_argument("--no-amp", action="store_true", help="OVSAM in float32 on CUDA too (default: bf16 autocast, "
                                                           "as the CLI; SAM's generator runs in float32)")
     ap.add_argument("--fp32-row", action="store_true", help="on CUDA, also an OVSAM row in float32")
@@ -272,6 +275,9 @@ def main() -> None:
         amp = cuda and not args.no_amp
         cases.append(dict(common, side="ovsam", filters=f, amp=amp,
                           name=f"OVSAM {args.model}{' bf16' if amp else ''} (filters {f})"))
+        if not cuda and args.cpu_bf16:
+            cases.append(dict(common, side="ovsam", filters=f, amp=False, cpu_bf16=True,
+                              name=f"OVSAM {args.model} bf16 on CPU (filters {f})"))
         if cuda and amp and args.fp32_row:
             cases.append(dict(common, side="ovsam", filters=f, amp=False, name=f"OVSAM {args.model} fp32 (filters {f})"))
     print(f"device {args.device}, {args.images} timed images + 1 warm-up image ({args.warmup_points_per_side}² "

@@ -278,7 +278,7 @@ def main() -> None:
         header = (f"\n## label_throughput, {started:%Y-%m-%d %H:%M} UTC, {args.device}\n\n"
                   f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib'] or 0:.0f} GiB"
                   f"{', ' + facts['gpu'] if facts['gpu'] else ''}; torch {facts['torch']} ({facts['threads']} threads); "
-                  f"commit {facts['commit']}; load average {facts['load']}.\n"
+                  f"commit {facts['commit']}; load average {facts['load']:.1f}.\n"
                   f"Images: {len(image_ids)} timed from {args.images} (~{boxes_per_image:.1f} boxes each), "
                   f"image batch {args.batch_size}, box batch {args.box_batch}, random weights"
                   f"{', bf16 autocast' if args.device.startswith('cuda') else ', fp32'}.\n"
