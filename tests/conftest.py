@@ -90,3 +90,36 @@ def one_thread() -> Iterator[None]:
     slower on two threads than on one (the tiny trunk's convolutions up to 100x)."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="module")
+def mini_gt_boxes(data_dir: Path):
+    """(images, prompts): the first three coco-val2017-mini images (RGB uint8) and up to 12 of
+    their ground-truth boxes each (XYXY, float32)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ovsam_model.types import Prompts
+
+    mini = data_dir / "coco-val2017-mini"
+    gt = json.loads((mini / "instances.json").read_text())
+    images, prompts = [], []
+    for im in gt["images"][:3]:
+        boxes = [a["bbox"] for a in gt["annotations"] if a["image_id"] == im["id"]][:12]
+        images.append(np.array(Image.open(mini / "images" / im["file_name"]).convert("RGB")))
+        prompts.append(Prompts(boxes=torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes], dtype=torch.float32)))
+    return images, prompts
+
+
+def agreement(preds, refs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask IoU per prompt, whether the top-1 label is the same) of two predictors' outputs on
+    the same prompts; two empty masks count as IoU 1."""
+    ious, same = [], []
+    for p, r in zip(preds, refs):
+        inter = (p.masks & r.masks).flatten(1).sum(1).float()
+        union = (p.masks | r.masks).flatten(1).sum(1).float()
+        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)))
+        same.append(p.labels == r.labels)
+    return torch.cat(ious), torch.cat(same)

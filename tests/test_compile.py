@@ -3,18 +3,14 @@ trunk and the SAM2CLIP adapter only, CUDA only; compiled labels agree with the e
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import agreement
 
 import ovsam_model.builder as builder
 from ovsam_model.builder import build_model, build_predictor
 from ovsam_model.labeling.api import ModelSettings, load_predictor
 from ovsam_model.modeling.compiled import compile_image_side
-from ovsam_model.types import Prompts
 
 
 def test_compile_wraps_exactly_the_trunk_and_the_adapter(monkeypatch):
@@ -51,26 +47,15 @@ def test_model_settings_pass_compile_and_fingerprint_it_only_when_on(monkeypatch
 
 
 @pytest.mark.gpu
-def test_compiled_labels_equal_eager_labels(data_dir):
+def test_compiled_labels_equal_eager_labels(mini_gt_boxes):
     """Real images and GT boxes on the tiny model (fp32): masks IoU ≥ 0.99 and the same top-1 label
     on ≥ 99 % of prompts (the fast paths' criterion)."""
-    mini = data_dir / "coco-val2017-mini"
-    gt = json.loads((mini / "instances.json").read_text())
-    images, prompts = [], []
-    for im in gt["images"][:3]:
-        boxes = [a["bbox"] for a in gt["annotations"] if a["image_id"] == im["id"]][:12]
-        images.append(np.array(Image.open(mini / "images" / im["file_name"]).convert("RGB")))
-        prompts.append(Prompts(boxes=torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes])))
+    images, prompts = mini_gt_boxes
     eager = build_predictor("tiny-256", random_weights=True, device="cuda", amp=False).predict(images, prompts)
     fast = build_predictor("tiny-256", random_weights=True, device="cuda", amp=False, compile=True)
     assert fast.model.trunk._compiled_call_impl is not None and fast.model.adapter._compiled_call_impl is not None
     compiled = fast.predict(images, prompts)
-    ious, same = [], []
-    for c, e in zip(compiled, eager):
-        inter = (c.masks & e.masks).flatten(1).sum(1).float()
-        union = (c.masks | e.masks).flatten(1).sum(1).float()
-        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)))
-        same.append(c.labels == e.labels)
+    ious, same = agreement(compiled, eager)
     assert any(e.masks.any() for e in eager)
-    assert torch.cat(ious).min().item() >= 0.99
-    assert torch.cat(same).float().mean().item() >= 0.99
+    assert ious.min().item() >= 0.99
+    assert same.float().mean().item() >= 0.99

@@ -3,35 +3,18 @@ autocast on CPU, as on CUDA. Issue 8's bf16 criterion against the float32 path: 
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import agreement
 
 import ovsam_model.runtime as runtime
 from ovsam_model.builder import build_predictor
 from ovsam_model.labeling.api import ModelSettings
 from ovsam_model.runtime import autocast_context
-from ovsam_model.types import Prompts
 
 
-@pytest.fixture(scope="module")
-def real_boxes(data_dir):
-    """Three real COCO images with up to 12 ground-truth boxes each."""
-    mini = data_dir / "coco-val2017-mini"
-    gt = json.loads((mini / "instances.json").read_text())
-    images, prompts = [], []
-    for im in gt["images"][:3]:
-        boxes = [a["bbox"] for a in gt["annotations"] if a["image_id"] == im["id"]][:12]
-        images.append(np.array(Image.open(mini / "images" / im["file_name"]).convert("RGB")))
-        prompts.append(Prompts(boxes=torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes])))
-    return images, prompts
-
-
-def test_cpu_bf16_runs_the_model_in_bf16_and_agrees_with_float32(real_boxes):
-    images, prompts = real_boxes
+def test_cpu_bf16_runs_the_model_in_bf16_and_agrees_with_float32(mini_gt_boxes):
+    images, prompts = mini_gt_boxes
     predictor = build_predictor("tiny-256", random_weights=True, device="cpu")
     assert predictor.cpu_bf16 is False
     dtypes = []
@@ -41,15 +24,9 @@ def test_cpu_bf16_runs_the_model_in_bf16_and_agrees_with_float32(real_boxes):
     bf16 = predictor.predict(images, prompts)
     assert dtypes == [torch.float32, torch.bfloat16]  # the flag reaches the model: C5 in bf16
     assert any(p.masks.any() for p in fp32)  # not a comparison of empty masks
-    ious, same = [], []
-    for b, f in zip(bf16, fp32):
-        inter = (b.masks & f.masks).flatten(1).sum(1).float()
-        union = (b.masks | f.masks).flatten(1).sum(1).float()
-        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)))
-        same.append(b.labels == f.labels)
-    ious = torch.cat(ious)
+    ious, same = agreement(bf16, fp32)
     assert ious.mean().item() >= 0.98, ious
-    assert torch.cat(same).float().mean().item() >= 0.99
+    assert same.float().mean().item() >= 0.99
     assert any(not torch.equal(b.masks, f.masks) or not torch.equal(b.topk_scores, f.topk_scores)
                for b, f in zip(bf16, fp32))  # bf16 really ran: some output differs from float32
 

@@ -4,12 +4,9 @@ the plain reference path does (issue 8's criterion: masks IoU ≥ 0.99 and the s
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import agreement
 
 from ovsam_model.builder import build_predictor
 from ovsam_model.modeling.fast_path import set_fast_path
@@ -17,19 +14,14 @@ from ovsam_model.types import Prompts
 
 
 @pytest.fixture(scope="module")
-def real_prompts(data_dir):
-    """Three real COCO images with their GT boxes and a centre click per box."""
-    mini = data_dir / "coco-val2017-mini"
-    gt = json.loads((mini / "instances.json").read_text())
+def real_prompts(mini_gt_boxes):
+    """Three real COCO images with their GT boxes, then the same images with a centre click per box."""
     images, prompts = [], []
-    for im in gt["images"][:3]:
-        boxes = [a["bbox"] for a in gt["annotations"] if a["image_id"] == im["id"]][:12]
-        xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes], dtype=torch.float32)
-        images.append(np.array(Image.open(mini / "images" / im["file_name"]).convert("RGB")))
-        prompts.append(Prompts(boxes=xyxy))
+    for image, boxes in zip(*mini_gt_boxes):
+        xyxy = torch.as_tensor(boxes.boxes)
         centres = ((xyxy[:, :2] + xyxy[:, 2:]) / 2).floor()
-        prompts.append(Prompts(points=centres[:, None, :], point_labels=torch.ones(len(xyxy), 1)))
-        images.append(images[-1])
+        images += [image, image]
+        prompts += [boxes, Prompts(points=centres[:, None, :], point_labels=torch.ones(len(xyxy), 1))]
     return images, prompts
 
 
@@ -38,13 +30,7 @@ def _fast_path_modules(model: torch.nn.Module) -> set[str]:
 
 
 def _compare(fast, plain, min_iou: float) -> None:
-    ious, same = [], []
-    for f, p in zip(fast, plain):
-        inter = (f.masks & p.masks).flatten(1).sum(1).float()
-        union = (f.masks | p.masks).flatten(1).sum(1).float()
-        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)))
-        same.append(f.labels == p.labels)
-    ious, same = torch.cat(ious), torch.cat(same)
+    ious, same = agreement(fast, plain)
     assert ious.min().item() >= min_iou, ious
     assert same.float().mean().item() >= 0.99, same
 
@@ -78,9 +64,4 @@ def test_cuda_fast_bf16_agrees_with_plain_fp32(real_prompts):
     _compare(predictor.predict(images, prompts), plain, 0.99)  # fp32 on CUDA
     predictor.amp = True
     fast_bf16 = predictor.predict(images, prompts)
-    ious = []
-    for f, p in zip(fast_bf16, plain):
-        inter = (f.masks & p.masks).flatten(1).sum(1).float()
-        union = (f.masks | p.masks).flatten(1).sum(1).float()
-        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)))
-    assert torch.cat(ious).mean().item() >= 0.98
+    assert agreement(fast_bf16, plain)[0].mean().item() >= 0.98
