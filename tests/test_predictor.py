@@ -212,20 +212,18 @@ def test_bf16_autocast_keeps_prompt_encoding_and_rois_in_float32(images, tiny):
     torch.testing.assert_close(low, ref, atol=0.05, rtol=0.05)
 
 
-def test_whole_predictor_under_bf16_autocast_agrees_with_float32(images, tiny, monkeypatch):
-    """CPU bf16 autocast stands in for CUDA's (CI has no GPU): the whole predictor runs without a
-    dtype error and its masks agree with float32 (mean IoU ≥ 0.98, as the CUDA test demands)."""
-    import contextlib
-
-    from ovsam_model import predictor as predictor_mod
-
+def test_whole_predictor_under_bf16_autocast_agrees_with_float32(images, tiny):
+    """CPU bf16 autocast (`cpu_bf16`, as CUDA's `amp`): the whole predictor runs without a dtype
+    error and its masks agree with float32 (mean IoU ≥ 0.98, as the CUDA test demands)."""
     h, w = images[0].shape[:2]
     prompts = [Prompts(boxes=_random_boxes(12, h, w, 3)),
                Prompts(points=[[[w / 2, h / 2]], [[w / 4, h / 3]]], point_labels=[[1], [1]])]
     ref = tiny.predict([images[0], images[0]], prompts)
-    monkeypatch.setattr(predictor_mod, "autocast_context",
-                        lambda device, amp: torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext())
-    low = tiny.predict([images[0], images[0]], prompts)
+    tiny.cpu_bf16 = True
+    try:
+        low = tiny.predict([images[0], images[0]], prompts)
+    finally:
+        tiny.cpu_bf16 = False
     for a, b in zip(ref, low):
         inter = (a.masks & b.masks).flatten(1).sum(1).float()
         union = (a.masks | b.masks).flatten(1).sum(1).float().clamp(min=1)
