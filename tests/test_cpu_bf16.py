@@ -55,3 +55,17 @@ def test_settings_fingerprint_and_warning(monkeypatch):
     assert plain.warnings() == []
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert fast.warnings() == []
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    def cpuinfo(flags_line: str):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\n{flags_line}\n\nprocessor\t: 1\n{flags_line}\n")
+        return path
+
+    assert runtime.cpu_has_native_bf16(cpuinfo("flags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512_vnni"))
+    assert runtime.cpu_has_native_bf16(cpuinfo("flags\t\t: fpu avx512f amx_bf16 amx_tile"))
+    assert runtime.cpu_has_native_bf16(cpuinfo("Features\t: fp asimd sve bf16 i8mm"))  # Arm (e.g. Graviton3)
+    # AVX-512 without its BF16 extension: oneDNN runs bf16, but emulated (slower than float32)
+    assert not runtime.cpu_has_native_bf16(cpuinfo("flags\t\t: fpu avx2 avx512f avx512bw avx512vl avx512dq"))
+    assert not runtime.cpu_has_native_bf16(cpuinfo("Features\t: fp asimd"))
