@@ -47,6 +47,11 @@ class ModelSettings:
     weights: dict[str, Any] = field(default_factory=dict)
     compile: bool = False  # torch.compile the CLIP trunk and the SAM2CLIP adapter (OVSAM on CUDA)
 
+    @property
+    def bf16_on_cpu(self) -> bool:
+        """Whether `cpu_bf16` takes effect: the run's device is a CPU (on CUDA, `amp` decides)."""
+        return self.cpu_bf16 and resolve_device(self.device).startswith("cpu")
+
     def options(self) -> dict[str, Any]:
         """What the output depends on, by the option name a user changes (resume fingerprint)."""
         from ovsam_model.weights import sha256_of
@@ -65,13 +70,13 @@ class ModelSettings:
                 # compiled kernels may fuse and round differently; absent when off, so that the
                 # fingerprints of runs made before the option existed stay as they were
                 **({"--compile": True} if self.compile else {}),
-                **({"--cpu-bf16": True} if self.cpu_bf16 and resolve_device(self.device).startswith("cpu") else {})}
+                **({"--cpu-bf16": True} if self.bf16_on_cpu else {})}
 
     def warnings(self) -> list[str]:
         """One-line warnings about these settings on this machine."""
         from ovsam_model.runtime import cpu_has_native_bf16
 
-        if self.cpu_bf16 and resolve_device(self.device).startswith("cpu") and not cpu_has_native_bf16():
+        if self.bf16_on_cpu and not cpu_has_native_bf16():
             return ["this CPU has no native bf16 (AVX512-BF16 or AMX): --cpu-bf16 will run slower than float32"]
         return []
 
