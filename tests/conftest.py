@@ -113,13 +113,16 @@ def mini_gt_boxes(data_dir: Path):
     return images, prompts
 
 
+def mask_ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of masks a[i] and b[i] ([N, H, W] bool) → [N]; two empty masks count as IoU 1."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
 def agreement(preds, refs) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask IoU per prompt, whether the top-1 label is the same) of two predictors' outputs on
     the same prompts; two empty masks count as IoU 1."""
-    ious, same = [], []
-    for p, r in zip(preds, refs):
-        inter = (p.masks & r.masks).flatten(1).sum(1).float()
-        union = (p.masks | r.masks).flatten(1).sum(1).float()
-        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)))
-        same.append(p.labels == r.labels)
+    ious = [mask_ious(p.masks, r.masks) for p, r in zip(preds, refs)]
+    same = [p.labels == r.labels for p, r in zip(preds, refs)]
     return torch.cat(ious), torch.cat(same)

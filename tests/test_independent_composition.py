@@ -51,6 +51,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import mask_ious
 from PIL import Image
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from segment_anything.modeling.common import LayerNorm2d
@@ -382,12 +383,6 @@ def _full_probs(prediction, k: int) -> torch.Tensor:
                                                            prediction.topk_scores.float())
 
 
-def _ious(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    inter = (a & b).flatten(1).sum(1).float()
-    union = (a | b).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 @pytest.mark.parametrize("roi_box", ["mask", "prompt"])
 def test_predictor_equals_independent_composition(coco, weights, roi_box):
     images, boxes, categories = coco
@@ -408,7 +403,7 @@ def test_predictor_equals_independent_composition(coco, weights, roi_box):
     for image, b, pred in zip(images, boxes, predictions):
         ref_masks, ref_probs = reference.predict(image, b, vocab.embeddings, seen, roi_box)
         assert pred.masks.shape == ref_masks.shape
-        ious.append(_ious(pred.masks, ref_masks))
+        ious.append(mask_ious(pred.masks, ref_masks))
         fills.append(ref_masks.flatten(1).float().mean(1))
         probs = _full_probs(pred, k)
         prob_diffs.append((probs - ref_probs).abs().amax(dim=1))
