@@ -96,7 +96,8 @@ def test_part_file_resume_ignores_torn_line(tmp_path):
 
 
 def test_changed_options_are_named():
-    assert changed_options({"--a": 1, "--b": "x"}, {"--a": 2, "--b": "x", "--c": True}) == ["--a (1 → 2)", "--c (None → True)"]
+    assert changed_options({"--a": 1, "--b": "x"}, {"--a": 2, "--b": "x", "--c": True}) == ["--a (1 → 2)", "--c (not set → True)"]
+    assert changed_options({"--a": None}, {}) == ["--a (None → not set)"]
     assert changed_options({"weights": {"clip2sam": "ab"}}, {"weights": {"clip2sam": "cd"}}) == ["weights"]
 
 

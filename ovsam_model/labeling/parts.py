@@ -110,15 +110,19 @@ def scan_part(path: Path) -> PartScan:
 
 
 def changed_options(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """The option names whose values differ, e.g. ["--batch-size (2 → 4)", "--vocab"]."""
+    """The option names whose values differ, e.g. ["--batch-size (2 → 4)", "--vocab"]; an option
+    that only one side records (one stored only when on, such as --compile) reads "not set"."""
     def short(value: Any) -> bool:
         return value is None or isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) <= 40)
+
+    def shown(options: Mapping[str, Any], key: str) -> str:
+        return str(options[key]) if key in options else "not set"
 
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
-        if a != b:
-            out.append(f"{key} ({a} → {b})" if short(a) and short(b) else key)
+        if a != b or (key in old) != (key in new):
+            out.append(f"{key} ({shown(old, key)} → {shown(new, key)})" if short(a) and short(b) else key)
     return out
 
 
