@@ -13,14 +13,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console, ConsoleDimensions
+
+if TYPE_CHECKING:  # imports torch: only inside the training commands, after their checks
+    from ovsam_model.train.common import TrainingInterrupted
 
 
 class CliError(Exception):
@@ -328,6 +332,15 @@ EvalEveryOpt = Annotated[int, typer.Option(
                                 "after the last (0: only those two). The figures go to OUT/metrics.jsonl.")]
 PlotOpt = Annotated[bool, typer.Option(
     "--plot", help="At the end, draw OUT/curves.png from OUT/metrics.jsonl (as `ovsam plot OUT`).")]
+
+
+def exit_interrupted(e: TrainingInterrupted, rank: int) -> NoReturn:
+    """Ctrl-C during a training command (`distill`, `finetune`): where the state was saved and
+    the command line that resumes from it (this one with --resume); exits 130."""
+    again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
+    info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=rank != 0)
+    info(f"resume with: ovsam {shlex.join(again)}", quiet=rank != 0)
+    raise typer.Exit(130) from None
 
 
 def report_training(out: Path, evals: Sequence[dict], plot: bool, quiet: bool) -> None:

@@ -5,8 +5,6 @@ Single process (CPU or one GPU) or `torchrun --nproc_per_node N -m ovsam_cli dis
 
 from __future__ import annotations
 
-import shlex
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,6 +31,7 @@ from ovsam_cli.common import (
     SaveEveryOpt,
     SeedOpt,
     WorkersOpt,
+    exit_interrupted,
     info,
     report_training,
     resolve_device,
@@ -131,10 +130,7 @@ def distill(
         try:
             result = run_distill(cfg, progress=not quiet)
         except DistillInterrupted as e:
-            again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
-            info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=env.rank != 0)
-            info(f"resume with: ovsam {shlex.join(again)}", quiet=env.rank != 0)
-            raise typer.Exit(130) from None
+            exit_interrupted(e, env.rank)
     for note in result.notes:
         info(note, quiet)
     last_loss = f", last loss {result.losses[-1]:.4g}" if result.losses else ""

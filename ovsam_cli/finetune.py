@@ -5,8 +5,6 @@ Single process (CPU or one GPU) or `torchrun --nproc_per_node N -m ovsam_cli fin
 
 from __future__ import annotations
 
-import shlex
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,6 +31,7 @@ from ovsam_cli.common import (
     SaveEveryOpt,
     SeedOpt,
     WorkersOpt,
+    exit_interrupted,
     info,
     report_training,
     resolve_device,
@@ -162,10 +161,7 @@ def finetune(
         try:
             result = run_finetune(cfg, progress=not quiet)
         except FinetuneInterrupted as e:
-            again = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
-            info(f"interrupted at iteration {e.step}; saved {e.checkpoint}", quiet=env.rank != 0)
-            info(f"resume with: ovsam {shlex.join(again)}", quiet=env.rank != 0)
-            raise typer.Exit(130) from None
+            exit_interrupted(e, env.rank)
     last = result.losses[-1] if result.losses else None
     last_loss = (f", last loss {last['loss']:.4g} (ce {last['ce']:.3g}, bce {last['bce']:.3g}, "
                  f"dice {last['dice']:.3g})") if last else ""

@@ -1,6 +1,7 @@
 """What the training loops share: torchrun process-group set-up, RNG state for exact resumes,
-the Ctrl-C exception that carries where `last.pth` was saved, and `ResumableTrainer`. The
-torchrun environment and bf16 autocast come from `ovsam_model.runtime`."""
+the Ctrl-C exception that carries where `last.pth` was saved, the checks before a run starts
+(`started_run`), and `ResumableTrainer`. The torchrun environment and bf16 autocast come from
+`ovsam_model.runtime`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import abc
 import random
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -20,7 +23,7 @@ from tqdm import tqdm
 
 from ..atomic import torch_save_atomic
 from ..runtime import DistEnv, autocast_context
-from .run_log import MetricsLog
+from .run_log import MetricsLog, RunFolderBusy, claim_run_folder
 
 
 class TrainingInterrupted(Exception):
@@ -175,6 +178,51 @@ def read_resume_state(path: Path, current_config: dict) -> dict:
     if differences:
         raise ResumeError(f"--resume: {path} was made with other options: {'; '.join(differences)}")
     return state
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """What `started_run` settled: this process's rank, the world size, this rank's share of
+    the global batch, the output folder, its `last.pth`, and the checked state read from it
+    (None without --resume)."""
+
+    rank: int
+    world: int
+    per_rank: int
+    out: Path
+    last_path: Path
+    state: Optional[dict]
+
+
+@contextmanager
+def started_run(cfg: Any, trainer: type[ResumableTrainer], error: type[Exception]) -> Iterator[StartedRun]:
+    """The checks every training command makes before any work (the teacher, the model), in
+    this order: the global `cfg.batch_size` splits over the processes, `--resume` has a
+    `last.pth` (the trainer's `last_name`) to resume from, made with the same options (its
+    `config_exclude` left out), and no other run writes `cfg.out` (rank 0 holds the folder
+    lock for the whole `with` block, released however it ends). Each failure is raised as
+    `error` (the command's own class) with the message the command has always given; one place
+    for them, so that distill and finetune cannot drift apart."""
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise error(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    out = Path(cfg.out)
+    last_path = out / trainer.last_name
+    if cfg.resume and not last_path.is_file():
+        raise error(f"--resume: no {last_path} to resume from")
+    try:
+        state = read_resume_state(last_path, run_config(cfg, trainer.config_exclude)) if cfg.resume else None
+    except ResumeError as e:
+        raise error(str(e)) from None
+    try:  # a second run on the same folder stops here
+        folder_lock = claim_run_folder(out) if rank == 0 else None
+    except RunFolderBusy as e:
+        raise error(str(e)) from None
+    try:
+        yield StartedRun(rank, world, cfg.batch_size // world, out, last_path, state)
+    finally:
+        if folder_lock is not None:
+            folder_lock.close()
 
 
 class ResumableTrainer(abc.ABC):

@@ -37,13 +37,12 @@ from ..transforms import prepare_image
 from .common import (
     ResumableTrainer,
     ResumeError,
+    StartedRun,
     TrainingInterrupted,
     barrier,
-    dist_info,
-    read_resume_state,
-    run_config,
+    started_run,
 )
-from .run_log import MetricsLog, RunFolderBusy, claim_run_folder, read_metrics_lines, write_run_config
+from .run_log import MetricsLog, read_metrics_lines, write_run_config
 from .schedule import build_optimizer, build_scheduler
 from .teacher_cache import TeacherCache, build_teacher, fill_cache, teacher_identity
 
@@ -256,32 +255,13 @@ def run_distill(cfg: DistillConfig, progress: bool = True) -> DistillResult:
         raise DistillError("--epochs and --batch-size must be at least 1")
     if cfg.max_iters is not None and cfg.max_iters < 1:
         raise DistillError("--max-iters must be at least 1")
-    rank, world = dist_info()
-    if cfg.batch_size % world:
-        raise DistillError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    per_rank = cfg.batch_size // world
-    out = Path(cfg.out)
-    last_path = out / LAST
-    if cfg.resume and not last_path.is_file():
-        raise DistillError(f"--resume: no {last_path} to resume from")
-    try:  # the options are checked before any work (the teacher, the model) is done
-        state = read_resume_state(last_path, run_config(cfg, _Trainer.config_exclude)) if cfg.resume else None
-    except ResumeError as e:
-        raise DistillError(str(e)) from None
-    try:  # a second run on the same folder stops here; released however this run ends
-        folder_lock = claim_run_folder(out) if rank == 0 else None
-    except RunFolderBusy as e:
-        raise DistillError(str(e)) from None
-    try:
-        return _run_distill(cfg, progress, rank, world, per_rank, out, last_path, state)
-    finally:
-        if folder_lock is not None:
-            folder_lock.close()
+    with started_run(cfg, _Trainer, DistillError) as run:
+        return _run_distill(cfg, progress, run)
 
 
-def _run_distill(cfg: DistillConfig, progress: bool, rank: int, world: int, per_rank: int, out: Path,
-                 last_path: Path, state: Optional[dict]) -> DistillResult:
+def _run_distill(cfg: DistillConfig, progress: bool, run: StartedRun) -> DistillResult:
     """`run_distill` after its checks, with the output folder locked."""
+    rank, world, per_rank, out = run.rank, run.world, run.per_rank, run.out
     images = find_images(cfg.images)
     val_images = find_images(cfg.val_images) if cfg.val_images is not None else []
     device = torch.device(cfg.device)
@@ -368,7 +348,7 @@ def _run_distill(cfg: DistillConfig, progress: bool, rank: int, world: int, per_
     trainer = _Trainer(cfg, model, device, rank, world, ipe, total, val)
     if cfg.resume:
         try:
-            trainer.resume_from(last_path, state)
+            trainer.resume_from(run.last_path, run.state)
         except ResumeError as e:
             raise DistillError(str(e)) from None
     model.adapter.train()

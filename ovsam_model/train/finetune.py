@@ -35,12 +35,11 @@ from ..vocab import load_vocabulary, seen_mask, text_embeddings, vocabulary_from
 from .common import (
     ResumableTrainer,
     ResumeError,
+    StartedRun,
     TrainingInterrupted,
-    dist_info,
-    read_resume_state,
-    run_config,
+    started_run,
 )
-from .run_log import MetricsLog, RunFolderBusy, claim_run_folder, read_metrics_lines, write_run_config
+from .run_log import MetricsLog, read_metrics_lines, write_run_config
 from .finetune_data import (
     Augment,
     FinetuneDataError,
@@ -391,32 +390,13 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     Raises `FinetuneError` on bad input and `FinetuneInterrupted` after saving on Ctrl-C.
     """
     _check(cfg)
-    rank, world = dist_info()
-    if cfg.batch_size % world:
-        raise FinetuneError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    per_rank = cfg.batch_size // world
-    out = Path(cfg.out)
-    last_path = out / LAST
-    if cfg.resume and not last_path.is_file():
-        raise FinetuneError(f"--resume: no {last_path} to resume from")
-    try:  # the options are checked before any work (the teacher, the model) is done
-        state = read_resume_state(last_path, run_config(cfg, _Trainer.config_exclude)) if cfg.resume else None
-    except ResumeError as e:
-        raise FinetuneError(str(e)) from None
-    try:  # a second run on the same folder stops here; released however this run ends
-        folder_lock = claim_run_folder(out) if rank == 0 else None
-    except RunFolderBusy as e:
-        raise FinetuneError(str(e)) from None
-    try:
-        return _run_finetune(cfg, progress, rank, world, per_rank, out, last_path, state)
-    finally:
-        if folder_lock is not None:
-            folder_lock.close()
+    with started_run(cfg, _Trainer, FinetuneError) as run:
+        return _run_finetune(cfg, progress, run)
 
 
-def _run_finetune(cfg: FinetuneConfig, progress: bool, rank: int, world: int, per_rank: int, out: Path,
-                  last_path: Path, state: Optional[dict]) -> FinetuneResult:
+def _run_finetune(cfg: FinetuneConfig, progress: bool, run: StartedRun) -> FinetuneResult:
     """`run_finetune` after its checks, with the output folder locked."""
+    rank, world, per_rank, out = run.rank, run.world, run.per_rank, run.out
     try:
         gt, vocab, base_ids = read_annotations(cfg.ann, cfg.dataset)
     except FinetuneDataError as e:
@@ -449,7 +429,7 @@ def _run_finetune(cfg: FinetuneConfig, progress: bool, rank: int, world: int, pe
     trainer = _Trainer(cfg, model, class_embeds, device, rank, world, ipe, total, val)
     if cfg.resume:
         try:
-            trainer.resume_from(last_path, state)
+            trainer.resume_from(run.last_path, run.state)
         except ResumeError as e:
             raise FinetuneError(str(e)) from None
     model.eval()
