@@ -407,3 +407,22 @@ def test_two_processes_train_as_one(coco, tmp_path):
                                                               model="tiny-256"))
             start = FT.official_state(start.fpn, start.head)
             assert max((one[k] - start[k]).abs().max().item() for k in start) > 2e-3
+
+
+def test_cli_ctrl_c_names_the_saved_state_and_the_resume_command(coco, tmp_path, monkeypatch):
+    """Ctrl-C: exit 130, where last.pth was saved, and this command line with one --resume."""
+    root, out = coco[0], tmp_path / "o"
+    args = ["finetune", "--ann", str(root / "gt.json"), "--images", str(root / "images"), "--out", str(out),
+            "--model", "tiny", "--device", "cpu", "--workers", "0", "--resume"]
+
+    def interrupted(cfg, progress=True):
+        raise FT.FinetuneInterrupted(7, Path(cfg.out) / FT.LAST)
+
+    monkeypatch.setattr(FT, "run_finetune", interrupted)
+    monkeypatch.setattr("sys.argv", ["ovsam", *args])
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 130, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2] == f"interrupted at iteration 7; saved {out / FT.LAST}"
+    assert lines[-1].startswith("resume with: ovsam finetune --ann ") and lines[-1].count("--resume") == 1
+    assert lines[-1].endswith("--workers 0 --resume")
