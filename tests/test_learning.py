@@ -24,10 +24,11 @@ def mini(data_dir) -> tuple[Path, Path]:
     return root / "images", root / "instances.json"
 
 
-def _recipe(name: str, images: Path, ann: Path, out: Path) -> subprocess.CompletedProcess:
+def _recipe(name: str, images: Path, ann: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run recipes/NAME; `extra` options go after the recipe's own (the last occurrence wins)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(["bash", str(RECIPES / name), str(images), str(ann), str(out)], capture_output=True,
-                          text=True, timeout=600, env=env)
+    done = subprocess.run(["bash", str(RECIPES / name), str(images), str(ann), str(out), *extra], capture_output=True,
+                          text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -86,8 +87,8 @@ def _prompt_eval(ann: Path, images: Path, out: Path, checkpoint: Path | None) ->
 def test_finetune_learns_labels_and_its_file_evaluates_the_same(mini, tmp_path):
     """The recipe's run: held-out mask IoU and accuracy end above their step-0 values, top-1
     accuracy on the training images at least doubles, and `ovsam eval` on the saved file repeats
-    the run's final held-out figures. (IoU ≥ 0.6 on the training images is not reached at this
-    scale: issue 9 stays open on it.)"""
+    the run's final held-out figures. (Mask IoU ≥ 0.6 on the training images takes 3,000
+    iterations: `test_finetune_fits_its_training_masks`, opt-in.)"""
     images, _ = mini
     out = tmp_path / "finetune"
     _recipe("tiny_finetune.sh", *mini, out)
@@ -135,3 +136,25 @@ def test_finetune_learns_labels_and_its_file_evaluates_the_same(mini, tmp_path):
         ious.append((truth & ours).sum() / (truth | ours).sum())
     # label's default mask post-processing is the fast one, eval's the published exact one
     assert sum(ious) / len(ious) == pytest.approx(last["iou"], abs=0.03)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("OVSAM_LONG_TESTS"),
+                    reason="about 16 minutes on 2 CPU cores; set OVSAM_LONG_TESTS=1 to run it")
+def test_finetune_fits_its_training_masks(mini, tmp_path):
+    """The recipe run for 3,000 iterations without the random resize (flips stay): box-prompt mean
+    mask IoU on the base-class instances of the training images (the classes it trains on) goes
+    from under 0.1 at step 0 to at least 0.6. The decoder starts from random weights (no SAM
+    decoder exists at these widths), so it first has to learn what a mask is: 400 iterations are
+    far from enough, which is why this is not part of the default run."""
+    images, ann = mini
+    out = tmp_path / "finetune-long"
+    _recipe("tiny_finetune.sh", images, ann, out, "--epochs", "400", "--max-iters", "3000", "--resize-min", "1",
+            "--resize-max", "1", "--eval-every", "0", "--workers", "1", timeout=2400)
+    config = json.loads((out / "config.json").read_text())["options"]
+    assert config["max_iters"] == 3000 and config["resize_ratio"] == [1.0, 1.0], config
+    train, weights = out / "split" / "train.json", out / "clip2sam_finetuned.pth"
+    step0 = _prompt_eval(train, images, out, None)
+    trained = _prompt_eval(train, images, out, weights)
+    assert step0["miou_base"] < 0.1, step0
+    assert trained["miou_base"] >= 0.6, trained
