@@ -140,7 +140,7 @@ def test_finetune_learns_labels_and_its_file_evaluates_the_same(mini, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("OVSAM_LONG_TESTS"),
-                    reason="about 16 minutes on 2 CPU cores; set OVSAM_LONG_TESTS=1 to run it")
+                    reason="about 17 minutes on 2 CPU cores; set OVSAM_LONG_TESTS=1 to run it")
 def test_finetune_fits_its_training_masks(mini, tmp_path):
     """The recipe run for 3,000 iterations without the random resize (flips stay): box-prompt mean
     mask IoU on the base-class instances of the training images (the classes it trains on) goes
