@@ -84,6 +84,7 @@ def finetune(
     prompts_per_image: Annotated[int, typer.Option("--prompts-per-image", min=2, help="Prompts per image: half GT boxes, half one positive point.")] = 40,
     resize_min: Annotated[Optional[float], typer.Option("--resize-min", min=0.01, help="Smallest random resize ratio of the 1024 scale (default 0.9 COCO, 0.1 LVIS).")] = None,
     resize_max: Annotated[float, typer.Option("--resize-max", min=0.01, help="Largest random resize ratio of the 1024 scale.")] = 2.0,
+    flip: Annotated[float, typer.Option("--flip", min=0.0, max=1.0, help="Probability of a horizontal flip of each training image (0 for data whose classes are not mirror-symmetric, e.g. text or left/right).")] = 0.5,
     max_iters: MaxItersOpt = None,
     save_every: SaveEveryOpt = 1000,
     workers: WorkersOpt = 4,
@@ -151,7 +152,7 @@ def finetune(
         cfg = FinetuneConfig(
             ann=ann, images=images, out=out, dataset=dataset.value, model=model, epochs=epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, warmup_iters=warmup_iters, milestones=steps, grad_clip=grad_clip,
-            prompts_per_image=prompts_per_image, resize_ratio=ratio, max_iters=max_iters, save_every=save_every,
+            prompts_per_image=prompts_per_image, resize_ratio=ratio, flip=flip, max_iters=max_iters, save_every=save_every,
             workers=workers, device=run_device, resume=resume, seed=seed, amp=amp,
             weights={c: p for c, p in weights.paths.items() if c != "sam_decoder"},
             sam_decoder=weights.paths.get("sam_decoder"), clip_pretrained=weights.clip_pretrained,

@@ -113,11 +113,14 @@ def test_mask_prompts_fast_equals_plain(setup):
     _check(head, emb, prompt.get_dense_pe(), sparse, dense)
 
 
-def test_gradients_fast_equal_plain(setup, monkeypatch):
-    """Fine-tuning trains the decoder through the fast path: same gradients as the plain path
-    (2 prompts in chunks of 1: the gradients of the chunks add up)."""
+@pytest.mark.parametrize("train_head", [True, False], ids=["head-trained", "head-frozen"])
+def test_gradients_fast_equal_plain(setup, monkeypatch, train_head):
+    """Fine-tuning trains the decoder through the fast path: same gradients as the plain path.
+    With the head trained, all prompts go in one chunk; with it frozen (gradients to the
+    prompts only) in chunks of 1, whose gradients add up."""
     prompt, head, emb = setup
     monkeypatch.setattr(head.mask_decoder, "fast_chunk_cpu", 1)
+    head.requires_grad_(train_head)
     with torch.no_grad():
         sparse, dense = prompt(points=None, boxes=torch.tensor([[100.0, 200.0, 600.0, 700.0],
                                                                 [50.0, 50.0, 300.0, 200.0]]), masks=None)
@@ -134,8 +137,12 @@ def test_gradients_fast_equal_plain(setup, monkeypatch):
         grads[fast] = {name: p.grad.clone() for name, p in head.named_parameters() if p.grad is not None}
         grads[fast]["<sparse>"] = sparse.grad.clone()
     head.zero_grad(set_to_none=True)
+    head.requires_grad_(True)
     assert grads[True].keys() == grads[False].keys()
-    assert len(grads[False]) > 40  # every decoder parameter and the label token got a gradient
+    if train_head:
+        assert len(grads[False]) > 40  # every decoder parameter and the label token got a gradient
+    else:
+        assert list(grads[False]) == ["<sparse>"]
     # k_proj biases whose attention softmax cancels them have a zero gradient in exact arithmetic:
     # rounding noise there is judged against the largest gradient of all
     largest = max(g.abs().max().item() for g in grads[False].values())
@@ -176,3 +183,59 @@ def test_a_prompts_logits_do_not_depend_on_the_prompts_decoded_with_it(setup):
             masks, prefix = _decode(head, True, emb, pe, sparse[lo:hi], dense[lo:hi])
             assert torch.equal(masks, all_masks[lo:hi]), (lo, hi)
             assert torch.equal(prefix, all_prefix[lo:hi]), (lo, hi)
+
+
+def _count_transformer_calls(head: OVSAMHead, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    inner = head.mask_decoder._transformer_fast
+
+    def counted(keys, keys_pos, pos, tokens):
+        calls.append(tokens.shape[0])
+        return inner(keys, keys_pos, pos, tokens)
+
+    monkeypatch.setattr(head.mask_decoder, "_transformer_fast", counted)
+    return calls
+
+
+def test_training_decodes_all_prompts_in_one_chunk(setup, monkeypatch):
+    """Under autograd with the head trained, CPU chunking would keep every chunk's intermediates
+    anyway and only add operations: one chunk. Without gradients, chunks of `fast_chunk_cpu`."""
+    prompt, head, emb = setup
+    monkeypatch.setattr(head.mask_decoder, "fast_chunk_cpu", 2)
+    calls = _count_transformer_calls(head, monkeypatch)
+    with torch.no_grad():
+        sparse, dense = prompt(points=(torch.rand(5, 1, 2) * 1024, torch.ones(5, 1)), boxes=None, masks=None)
+        pe = prompt.get_dense_pe()
+        head.mask_decoder.predict(emb, pe, sparse, dense, head.label_token.weight)
+    assert calls == [2, 2, 2]
+    calls.clear()
+    head.mask_decoder.predict(emb, pe, sparse, dense, head.label_token.weight)
+    assert calls == [5]
+
+
+@pytest.mark.parametrize("chunk", [2, None])
+def test_prompts_on_several_images_equal_one_call_per_image(setup, monkeypatch, chunk):
+    """Training decodes the prompts of a whole batch in one call, each prompt with its own
+    image's embedding ([N, C, h, w]): the same logits as one call per image, fast and plain."""
+    prompt, head, _ = setup
+    monkeypatch.setattr(head.mask_decoder, "fast_chunk_cpu", chunk)
+    g = torch.Generator().manual_seed(6)
+    images = torch.randn(2, 256, 64, 64, generator=g)
+    boxes = torch.tensor([[10.0, 20.0, 400.0, 380.0], [500.0, 100.0, 900.0, 1000.0], [0.0, 0.0, 200.0, 900.0],
+                          [300.0, 300.0, 700.0, 600.0], [50.0, 600.0, 1000.0, 1020.0]])
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    with torch.no_grad():
+        sparse, dense = prompt(points=None, boxes=boxes, masks=None)
+        pe = prompt.get_dense_pe()
+        per_image = [_decode(head, True, images[i : i + 1], pe, sparse[owner == i], dense[owner == i]) for i in (0, 1)]
+        ref = torch.cat([m for m, _ in per_image])
+        ref_prefix = torch.cat([p for _, p in per_image])
+        for fast in (True, False):
+            masks, prefix = _decode(head, fast, images[owner], pe, sparse, dense)
+            scale = ref.std().item()
+            assert (masks - ref).abs().max().item() <= 1e-5 * scale, fast
+            assert (prefix - ref_prefix).abs().max().item() <= 1e-5 * max(ref_prefix.abs().max().item(), 1.0)
+    # the two images give different masks for the same box (a bug using one image would show)
+    with torch.no_grad():
+        other, _ = _decode(head, True, images[1:2], pe, sparse[:1], dense[:1])
+    assert (other - ref[:1]).abs().max() > 0.1 * ref.std()

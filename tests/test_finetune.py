@@ -193,6 +193,60 @@ def test_loss_decreases_on_a_fixed_batch_and_only_trainable_parts_change(coco, t
     assert in_opt == {id(p) for p in list(model.fpn.parameters()) + list(model.head.parameters())}
 
 
+def test_one_decode_call_for_the_batch_equals_one_per_prompt_group(coco, tmp_path):
+    """`CLIP2SAMTrainable` decodes every prompt of a batch (2 images, box and click groups) in
+    one call: the same logits, region embeddings and gradients as one `head.decode` per group."""
+    root, gt, _, _ = coco
+    cfg = _cfg(root, tmp_path)
+    model = FT.build_finetune_model(cfg)
+    _, vocab, base_ids = FD.read_annotations(root / "gt.json", "coco")
+    images = FD.collect_images(gt, root / "images", base_ids, 256)
+    ds = FD.FinetuneDataset(images, vocab, 256, MEAN, STD, FD.Augment(), 6, seed=0)
+    batch = FD.collate([ds[0], ds[1]])
+    with torch.no_grad():
+        feats = model.trunk(batch["pixels"])
+        emb = model.adapter(feats)
+        groups = []
+        for b in range(2):
+            box = batch["is_box"][b]
+            sparse, dense, pe = model.encode_prompts(batch["boxes"][b][box], None, None)
+            groups.append((b, sparse, dense, batch["boxes"][b][box]))
+            pts = batch["points"][b][~box]
+            sparse, dense, pe = model.encode_prompts(None, pts, torch.ones(pts.shape[:2], dtype=torch.long))
+            groups.append((b, sparse, dense, batch["boxes"][b][~box]))
+    trainable = FT.CLIP2SAMTrainable(model.fpn, model.head, model.cfg.roi_size, model.cfg.finest_scale)
+    g = torch.Generator().manual_seed(0)
+    w_mask, w_region = torch.randn(12, 1, 64, 64, generator=g), torch.randn(12, 64, generator=g)
+
+    def run(forward):
+        trainable.zero_grad(set_to_none=True)
+        masks, region = forward()
+        ((masks * w_mask).sum() + (region * w_region).sum()).backward()
+        return masks.detach(), region.detach(), {k: p.grad.clone() for k, p in trainable.named_parameters()
+                                                 if p.grad is not None}
+
+    def per_group():
+        fpn = trainable.fpn(feats)
+        out = [trainable.head.decode(emb[b : b + 1], pe, sparse, dense) for b, sparse, dense, _ in groups]
+        rois = torch.cat([torch.cat([bx.new_full((len(bx), 1), float(b)), bx], 1) for b, _, _, bx in groups])
+        roi_feats = FT.multilevel_roi_align(fpn, rois, model.cfg.roi_size, finest_scale=model.cfg.finest_scale)
+        region = trainable.head.region_embed(roi_feats, torch.cat([lab for _, lab in out]))
+        return torch.cat([m for m, _ in out]), region + 0.0 * sum(f.mean() for f in fpn)
+
+    masks, region, grads = run(lambda: trainable(feats, emb, pe, groups))
+    ref_masks, ref_region, ref_grads = run(per_group)
+    assert masks.shape == (12, 1, 64, 64) and ref_masks.std() > 0
+    torch.testing.assert_close(masks, ref_masks, rtol=0, atol=1e-5 * ref_masks.abs().max().item())
+    torch.testing.assert_close(region, ref_region, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 40
+    # k_proj biases cancel in the softmax (zero gradient in exact arithmetic): their rounding noise
+    # is judged against the largest gradient of all
+    largest = max(g.abs().max().item() for g in ref_grads.values())
+    for k, ref in ref_grads.items():
+        err = (grads[k] - ref).abs().max().item()
+        assert err <= 1e-4 * ref.abs().max().item() + 1e-6 * largest, (k, err)
+
+
 def test_lr_schedule_warmup_then_steps():
     # warm-up 4, milestones at iterations 10 and 15
     assert FT.lr_factor(0, 4, [10, 15]) == pytest.approx(0.25)

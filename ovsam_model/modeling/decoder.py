@@ -33,8 +33,10 @@ class OneTokenMaskDecoder(MaskDecoder):
     fast_path: bool = True
     # Prompts per pass of the fast path's per-prompt part on CPU: small chunks keep the
     # intermediates small (reused heap memory, cache); 64 clicks, 1 thread: chunks of 4 3.6 s,
-    # 2: 4.3 s, 8: 6.1 s, 64: 6.2 s. None (and any non-CPU device): all prompts at once. A short
-    # chunk is padded to this size, so that results do not depend on the number of prompts.
+    # 2: 4.3 s, 8: 6.1 s, 64: 6.2 s. None (and any non-CPU device, and training, where autograd
+    # keeps every chunk's intermediates: tiny-256 finetuning step 0.19 s in chunks of 4, 0.11 s
+    # in one): all prompts at once. A short chunk is padded to this size, so that results do not
+    # depend on the number of prompts.
     fast_chunk_cpu: Optional[int] = 4
 
     def __init__(self, transformer_dim: int, transformer: nn.Module) -> None:
@@ -51,12 +53,12 @@ class OneTokenMaskDecoder(MaskDecoder):
         dense: torch.Tensor,
         prefix_tokens: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks for N prompts on ONE image.
+        """Masks for N prompts on one image, or on several (training batches).
 
-        image_embedding: [1, C, h, w]; image_pe: [1, C, h, w]; sparse: [N, T, C];
-        dense: [N, C, h, w] (may be an expanded view); prefix_tokens: [P, C].
-        Returns mask logits [N, 1, 4h, 4w] and the prefix tokens' outputs [N, P, C].
-        The image embedding is broadcast, never copied per prompt before the transformer.
+        image_embedding: [1, C, h, w] (one image: broadcast, never copied per prompt before the
+        transformer) or [N, C, h, w] (each prompt's own image; may be a gathered copy);
+        image_pe: [1, C, h, w]; sparse: [N, T, C]; dense: [N, C, h, w] (may be an expanded view);
+        prefix_tokens: [P, C]. Returns mask logits [N, 1, 4h, 4w] and the prefix tokens' outputs [N, P, C].
         """
         if self.fast_path and sparse.shape[0] > 0 and self._fast_supported():
             return self._predict_fast(image_embedding, image_pe, sparse, dense, prefix_tokens)
@@ -144,25 +146,26 @@ class OneTokenMaskDecoder(MaskDecoder):
         output_tokens = torch.cat([prefix_tokens, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
         pos = image_pe[0].flatten(1).t()  # [HW, C]
-        shared = self._dense_shared(dense)
+        per_prompt = image_embedding.shape[0] > 1
+        shared = not per_prompt and self._dense_shared(dense)
         if shared:
             keys0 = (image_embedding + dense[:1]).flatten(2).transpose(1, 2).contiguous()  # [1, HW, C]
             keys0_pos = keys0 + pos
         chunk = n if image_embedding.device.type != "cpu" or not self.fast_chunk_cpu else self.fast_chunk_cpu
+        if torch.is_grad_enabled() and self.mask_tokens.weight.requires_grad:
+            chunk = n  # training: autograd keeps every chunk's intermediates anyway; chunks only add operations
         masks, prefix = [], []
         for s in range(0, n, chunk):
             tok = tokens[s : s + chunk]
             rows = tok.shape[0]
-            if rows < chunk:
-                # a short last chunk is padded to the full chunk (repeating its last prompt):
-                # the kernels then see the same shapes in every chunk, so a prompt's logits do
-                # not depend on how many prompts came with it (bit-equal runs for any box batch)
-                tok = torch.cat([tok, tok[-1:].expand(chunk - rows, -1, -1)])
+            # a short last chunk is padded to the full chunk (repeating its last prompt): the
+            # kernels then see the same shapes in every chunk, so a prompt's logits do not depend
+            # on how many prompts came with it (bit-equal runs for any box batch)
+            tok = _pad_rows(tok, chunk)
             if not shared:
-                d = dense[s : s + chunk]
-                if d.shape[0] < tok.shape[0]:
-                    d = torch.cat([d, d[-1:].expand(tok.shape[0] - d.shape[0], -1, -1, -1)])
-                keys0 = (image_embedding + d).flatten(2).transpose(1, 2).contiguous()
+                d = dense if dense.shape[0] == 1 else _pad_rows(dense[s : s + chunk], tok.shape[0])
+                image = _pad_rows(image_embedding[s : s + chunk], tok.shape[0]) if per_prompt else image_embedding
+                keys0 = (image + d).flatten(2).transpose(1, 2).contiguous()
                 keys0_pos = keys0 + pos
             queries, keys = self._transformer_fast(keys0, keys0_pos, pos, tok)
             prefix.append(queries[:rows, :num_prefix, :])
@@ -215,6 +218,13 @@ class OneTokenMaskDecoder(MaskDecoder):
         # (i, j, ky1, kx1, ky2, kx2) → row 4i + 2·ky1 + ky2, column 4j + 2·kx1 + kx2
         logits = logits.view(n, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
         return logits.reshape(n, 1, 4 * h, 4 * w)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [r, ...] with its last row repeated up to `rows` rows (x itself when r ≥ rows)."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
 
 
 def _token_to_image(attn: Attention, q_in: torch.Tensor, keys_pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
