@@ -77,6 +77,8 @@ CASES = {
     "finetune: --resize-min above --resize-max": (
         lambda f: ["finetune", "--ann", f["ann"], "--images", f["images"], "--out", f["out"],
                    "--resize-min", "3", "--resize-max", "2"], "larger than --resize-max"),
+    "finetune: --flip above 1": (lambda f: ["finetune", "--ann", f["ann"], "--images", f["images"], "--out",
+                                            f["out"], "--flip", "1.5"], "Invalid value for '--flip'"),
     "finetune: bad --checkpoint": (lambda f: ["finetune", "--ann", f["ann"], "--images", f["images"], "--out",
                                               f["out"], "--checkpoint", "head=x.pth"], "unknown component 'head'"),
     "weights verify: no file of the model": (

@@ -328,10 +328,11 @@ def test_cli_smoke_run(coco, tmp_path):
     result = CliRunner().invoke(_app(), ["finetune", "--ann", str(root / "gt.json"), "--images", str(root / "images"),
                                          "--out", str(tmp_path / "o"), "--model", "tiny", "--max-iters", "1",
                                          "--batch-size", "1", "--prompts-per-image", "4", "--workers", "0",
-                                         "--device", "cpu", "--quiet"])
+                                         "--flip", "0", "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(tmp_path / "o" / FT.FINETUNED)
     assert (tmp_path / "o" / FT.LAST).is_file()
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["options"]["flip"] == 0.0
 
 
 @pytest.mark.parametrize("case", ["ann", "images", "resume", "milestones", "checkpoint"])
