@@ -29,6 +29,7 @@ from ovsam_cli.common import (
     user_errors,
 )
 from ovsam_model import weights as W
+from ovsam_model.runtime import human_size
 from ovsam_model.registry import MODEL_REGISTRY, SAM_CHECKPOINTS, ModelSpec, WeightFile, get_spec, with_sam_variant
 
 if TYPE_CHECKING:
@@ -62,16 +63,6 @@ def _spec(model: str, sam_variant: Optional[SamVariant]) -> ModelSpec:
             raise typer.BadParameter(f"{model} is not a baseline; it has no SAM variant", param_hint="--sam-variant")
         spec = with_sam_variant(spec, sam_variant.value)
     return spec
-
-
-def _human(size: Optional[int]) -> str:
-    if size is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return "?"
 
 
 def _file_label(wf: WeightFile) -> str:
@@ -120,7 +111,7 @@ def list_weights(
         return
     table = Table(*cols, title=f"weights (cache: {W.resolve_cache_dir(cache_dir)})", title_justify="left")
     for r in rows:
-        table.add_row(*(_human(r[c]) if c == "size" else str(r[c]) for c in cols))
+        table.add_row(*(human_size(r[c]) if c == "size" else str(r[c]) for c in cols))
     out_console.print(table)
 
 

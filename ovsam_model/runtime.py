@@ -1,4 +1,5 @@
-"""Process-level helpers every entry point shares: the torchrun environment and bf16 autocast.
+"""Process-level helpers every entry point shares: the torchrun environment, bf16 autocast,
+free memory and byte counts for messages.
 
 Kept free of model code so that the CLI, the labeling engine and the training loops read the
 same variables the same way.
@@ -65,3 +66,27 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a private oneDNN query: absent from some builds
         return False
+
+
+def free_memory(device) -> Optional[int]:
+    """Free bytes on a torch device (CUDA: the allocator's view; CPU: available physical memory
+    on Linux), or None where unknown."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def human_size(size: Optional[float]) -> str:
+    """Bytes in decimal units for messages: 999 B, 1.5 KB, …, 12.3 GB; "?" for None."""
+    if size is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return "?"

@@ -269,6 +269,48 @@ def test_official_layout_keys(keys_dir):
     assert full == layout
 
 
+def test_cached_features_train_as_without_the_cache(coco, tmp_path, monkeypatch):
+    """--cache-features: the same run (losses and weights), each image read and its frozen
+    features computed once per flip instead of once per epoch."""
+    root = coco[0]
+    reads: list[str] = []
+    read_rgb = FD.read_rgb
+    monkeypatch.setattr(FD, "read_rgb", lambda path: reads.append(Path(path).name) or read_rgb(path))
+    trunk_images: list[int] = []
+    compute = FT.FrozenFeatures.compute
+    monkeypatch.setattr(FT.FrozenFeatures, "compute",
+                        lambda self, pixels: trunk_images.append(pixels.shape[0]) or compute(self, pixels))
+    kw = dict(epochs=4, batch_size=2, resize_ratio=(1.0, 1.0), flip=0.5, num_points=256, prompts_per_image=4)
+    plain = FT.run_finetune(_cfg(root, tmp_path / "plain", **kw), progress=False)
+    plain_reads, plain_trunk = len(reads), sum(trunk_images)
+    reads.clear()
+    trunk_images.clear()
+    cached = FT.run_finetune(_cfg(root, tmp_path / "cached", cache_features=True, **kw), progress=False)
+    assert plain.step == cached.step == 8 and plain_reads == plain_trunk == 12  # 3 images × 4 epochs
+    # each image read once per distinct flip it met (at most 2), features computed as often
+    assert 3 <= len(reads) == sum(trunk_images) <= 6 < plain_reads
+    assert all(reads.count(name) <= 2 for name in set(reads))
+    for a, b in zip(plain.losses, cached.losses):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    a = torch.load(tmp_path / "plain" / FT.FINETUNED, weights_only=True)
+    b = torch.load(tmp_path / "cached" / FT.FINETUNED, weights_only=True)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-4)
+
+
+def test_cached_features_need_one_scale_and_the_memory(coco, tmp_path, monkeypatch):
+    root = coco[0]
+    with pytest.raises(FT.FinetuneError, match=r"^--cache-features needs one scale of at most 1 .*0\.9 and 1\.1"):
+        FT.run_finetune(_cfg(root, tmp_path / "a", cache_features=True, resize_ratio=(0.9, 1.1)), progress=False)
+    with pytest.raises(FT.FinetuneError, match=r"2 and 2\)"):
+        FT.run_finetune(_cfg(root, tmp_path / "b", cache_features=True, resize_ratio=(2.0, 2.0)), progress=False)
+    monkeypatch.setattr(FT, "free_memory", lambda device: 10**6)  # 1 MB free
+    with pytest.raises(FT.FinetuneError, match=r"^--cache-features would keep about [0-9.]+ MB of frozen features "
+                                               r"\(4 image draws\) with 1\.0 MB free on cpu"):
+        FT.run_finetune(_cfg(root, tmp_path / "c", cache_features=True, resize_ratio=(1.0, 1.0), max_iters=2),
+                        progress=False)
+
+
 def test_resume_matches_uninterrupted_run(coco, tmp_path, monkeypatch):
     root = coco[0]
     # batch 1, 3 images, max 4 iterations (epoch 1 starts at 3); interrupted after 3

@@ -115,7 +115,7 @@ def local_rank_zero_first(fetch: Callable[[], T]) -> T:
 RESUME_FREE = frozenset({
     "resume", "device", "workers", "save_every", "eval_every", "val_images", "val_ann", "teacher_batch",
     "teacher_cache", "clip_cache_dir", "cache_dir", "teacher_weights", "adapter_init", "sam_decoder", "weights",
-    "clip_pretrained", "clip_tag", "plot",
+    "clip_pretrained", "clip_tag", "plot", "cache_features",
 })
 STATE_FORMAT = 2  # last.pth: tensors and plain containers only (weights_only=True)
 

@@ -112,36 +112,61 @@ def source_index(out_len: int, offset: int, resized: int, source: int) -> np.nda
     return np.minimum(np.floor(pos).astype(np.int64), source - 1)
 
 
-def transform(image: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Generator, aug: Augment,
-              mean, std) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Flip, random resize of the `size` scale, random crop to size², pad.
+@dataclass(frozen=True)
+class AugmentDraw:
+    """One draw of the augmentation: flip, the resized size (nh, nw), whether that is a shrink
+    (antialiased), and the crop offset (oy, ox). Equal draws give equal pixels and masks (the key
+    of `FinetuneDataset`'s memo)."""
 
-    image [H, W, 3] uint8; masks [M, H, W] uint8 → (pixels [3, size, size] normalised,
-    masks [M, size, size] bool in the model frame, the kept-instance flags [M] bool: ≥ `min_area` px).
-    """
-    h, w = image.shape[:2]
-    flip = rng.random() < aug.flip
+    flip: bool
+    nh: int
+    nw: int
+    shrink: bool
+    oy: int
+    ox: int
+
+
+def draw_augment(rng: np.random.Generator, height: int, width: int, size: int, aug: Augment) -> AugmentDraw:
+    """Flip, then the random resize of the `size` scale, then the crop offset (in that order)."""
+    flip = bool(rng.random() < aug.flip)
     ratio = rng.uniform(*aug.ratio)
-    scale = size * ratio / max(h, w)
-    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    scale = size * ratio / max(height, width)
+    nh, nw = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
     oy = int(rng.integers(0, nh - size + 1)) if aug.crop and nh > size else 0
     ox = int(rng.integers(0, nw - size + 1)) if aug.crop and nw > size else 0
+    return AugmentDraw(flip, nh, nw, bool(scale < 1), oy, ox)
+
+
+def apply_augment(image: np.ndarray, masks: np.ndarray, size: int, draw: AugmentDraw, min_area: int,
+                  mean, std) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """image [H, W, 3] uint8; masks [M, H, W] uint8 → (pixels [3, size, size] normalised,
+    masks [M, size, size] bool in the model frame, the kept-instance flags [M] bool: ≥ `min_area` px)."""
+    h, w = image.shape[:2]
+    nh, nw, oy, ox = draw.nh, draw.nw, draw.oy, draw.ox
     ch, cw = min(nh - oy, size), min(nw - ox, size)
-    if flip:
+    if draw.flip:
         image = image[:, ::-1]
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=draw.shrink)[0]
     x = x[:, oy : oy + ch, ox : ox + cw].clamp(0, 255)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     pixels = F.pad(x, (0, size - cw, 0, size - ch))
     rows = source_index(ch, oy, nh, h)
     cols = source_index(cw, ox, nw, w)
-    if flip:
+    if draw.flip:
         cols = w - 1 - cols
     out = np.zeros((masks.shape[0], size, size), dtype=bool)
     out[:, :ch, :cw] = masks[:, rows[:, None], cols[None, :]] > 0
-    keep = out.reshape(out.shape[0], -1).sum(1) >= aug.min_area
+    keep = out.reshape(out.shape[0], -1).sum(1) >= min_area
     return pixels.contiguous(), out, keep
+
+
+def transform(image: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Generator, aug: Augment,
+              mean, std) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Flip, random resize of the `size` scale, random crop to size², pad (`draw_augment`, then
+    `apply_augment`)."""
+    draw = draw_augment(rng, image.shape[0], image.shape[1], size, aug)
+    return apply_augment(image, masks, size, draw, aug.min_area, mean, std)
 
 
 def mask_box(mask: np.ndarray) -> list[float]:
@@ -176,13 +201,20 @@ def make_prompts(masks: np.ndarray, count: int, rng: np.random.Generator) -> dic
 
 class FinetuneDataset(Dataset):
     """One item per image: pixels [3, S, S], masks [M, S, S] bool, labels [M] (vocabulary
-    indices), and the prompts of `make_prompts` (indexing the M instances)."""
+    indices), the prompts of `make_prompts` (indexing the M instances), and `index` and
+    `augment` (its `AugmentDraw`): equal (index, augment) pairs have equal pixels.
+
+    memo: keep each (index, draw)'s pixels and masks in this process, so that an image seen
+    again with the same draw is not read and resized again (useful only when the draws repeat:
+    a fixed scale, `Augment.ratio` (r, r); with flips, two draws per image)."""
 
     def __init__(self, images: list[TrainImage], vocab: Vocabulary, size: int, mean, std, aug: Augment,
-                 prompts_per_image: int = 40, seed: int = 0) -> None:
+                 prompts_per_image: int = 40, seed: int = 0, memo: bool = False) -> None:
         self.images, self.size, self.mean, self.std, self.aug = images, size, mean, std, aug
         self.index = {cid: i for i, cid in enumerate(vocab.category_ids)}
         self.count, self.seed, self.epoch = prompts_per_image, seed, 0
+        self.memo: Optional[dict[tuple[int, AugmentDraw], tuple]] = {} if memo else None
+        self._shapes: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.images)
@@ -190,21 +222,37 @@ class FinetuneDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, i: int) -> dict:
-        item = self.images[i]
+    def _read(self, item: TrainImage) -> tuple[np.ndarray, np.ndarray]:
         try:
             image = read_rgb(item.file)
         except (OSError, ValueError) as e:
             raise FinetuneDataError(f"cannot read image {item.file}: {e}") from e
-        h, w = image.shape[:2]
-        masks = decode_masks(item.anns, h, w)
+        return image, decode_masks(item.anns, image.shape[0], image.shape[1])
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.images[i]
         labels = np.array([self.index[int(a["category_id"])] for a in item.anns], dtype=np.int64)
         rng = np.random.default_rng((self.seed, self.epoch, i))
+        source = None  # (image, masks): read unless every draw below is memoised
+        shape = self._shapes.get(i)
+        if shape is None:
+            source = self._read(item)
+            shape = source[0].shape[:2]
+            if self.memo is not None:
+                self._shapes[i] = shape
         # A crop can lose every instance: draw again; the last try keeps the whole image.
         for attempt in range(4):
             aug = self.aug if attempt < 3 else Augment(flip=self.aug.flip, ratio=(1.0, 1.0), crop=False,
                                                        min_area=self.aug.min_area)
-            pixels, out, keep = transform(image, masks, self.size, rng, aug, self.mean, self.std)
+            draw = draw_augment(rng, shape[0], shape[1], self.size, aug)
+            done = self.memo.get((i, draw)) if self.memo is not None else None
+            if done is None:
+                if source is None:
+                    source = self._read(item)
+                done = apply_augment(*source, self.size, draw, aug.min_area, self.mean, self.std)
+                if self.memo is not None:
+                    self.memo[(i, draw)] = done
+            pixels, out, keep = done
             if keep.any():
                 break
         if not keep.any():  # every mask under min_area even at scale 1: keep the largest non-empty
@@ -218,7 +266,7 @@ class FinetuneDataset(Dataset):
         used, prompts["instance"] = torch.unique(prompts["instance"], return_inverse=True)
         used = used.numpy()
         return {"pixels": pixels, "masks": torch.from_numpy(out[used]), "labels": torch.from_numpy(labels[used]),
-                "index": i, **prompts}
+                "index": i, "augment": draw, **prompts}
 
 
 def collate(items: list[dict]) -> dict:
