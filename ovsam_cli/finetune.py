@@ -85,7 +85,7 @@ def finetune(
     resize_min: Annotated[Optional[float], typer.Option("--resize-min", min=0.01, help="Smallest random resize ratio of the 1024 scale (default 0.9 COCO, 0.1 LVIS).")] = None,
     resize_max: Annotated[float, typer.Option("--resize-max", min=0.01, help="Largest random resize ratio of the 1024 scale.")] = 2.0,
     flip: Annotated[float, typer.Option("--flip", min=0.0, max=1.0, help="Probability of a horizontal flip of each training image (0 for data whose classes are not mirror-symmetric, e.g. text or left/right).")] = 0.5,
-    cache_features: Annotated[bool, typer.Option("--cache-features", help="Keep each image's frozen CLIP and adapter features in memory (per flip) and its resized pixels and masks, instead of recomputing them every epoch: the same run, faster, for small datasets trained for many epochs. Needs --resize-min equal to --resize-max, at most 1; memory about 1 MB per image and flip at tiny-256, 100 MB at 1024² with ovsam-rn50x16 (refused when it would take over half the free memory).")] = False,
+    cache_features: Annotated[bool, typer.Option("--cache-features", help="Keep each image's frozen CLIP and adapter features in memory (per flip), and with --workers 0 its resized pixels and masks too, instead of recomputing them every epoch: the same run, faster, for small datasets trained for many epochs. Needs --resize-min equal to --resize-max, at most 1; memory about 1 MB per image and flip at tiny-256, 100 MB at 1024² with ovsam-rn50x16 (refused when it would take over half the free memory).")] = False,
     max_iters: MaxItersOpt = None,
     save_every: SaveEveryOpt = 1000,
     workers: WorkersOpt = 4,

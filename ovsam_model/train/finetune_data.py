@@ -206,7 +206,8 @@ class FinetuneDataset(Dataset):
 
     memo: keep each (index, draw)'s pixels and masks in this process, so that an image seen
     again with the same draw is not read and resized again (useful only when the draws repeat:
-    a fixed scale, `Augment.ratio` (r, r); with flips, two draws per image)."""
+    a fixed scale, `Augment.ratio` (r, r); with flips, two draws per image; and only with no
+    DataLoader workers, which start afresh every epoch)."""
 
     def __init__(self, images: list[TrainImage], vocab: Vocabulary, size: int, mean, std, aug: Augment,
                  prompts_per_image: int = 40, seed: int = 0, memo: bool = False) -> None:
