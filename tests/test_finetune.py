@@ -311,6 +311,24 @@ def test_cached_features_need_one_scale_and_the_memory(coco, tmp_path, monkeypat
                         progress=False)
 
 
+@pytest.mark.gpu
+def test_cuda_runs_as_the_cpu_and_its_cache_as_without(coco, tmp_path):
+    """On CUDA: fp32 iterations give the CPU's losses; under bf16 autocast (the default) the
+    losses stay finite, and --cache-features gives the uncached run's losses."""
+    root = coco[0]
+    kw = dict(epochs=2, batch_size=2, resize_ratio=(1.0, 1.0), flip=0.5, num_points=256, prompts_per_image=8)
+    cpu = FT.run_finetune(_cfg(root, tmp_path / "cpu", amp=False, **kw), progress=False)
+    cuda = FT.run_finetune(_cfg(root, tmp_path / "cuda", device="cuda", amp=False, **kw), progress=False)
+    for a, b in zip(cpu.losses, cuda.losses):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    bf16 = FT.run_finetune(_cfg(root, tmp_path / "bf16", device="cuda", **kw), progress=False)
+    cached = FT.run_finetune(_cfg(root, tmp_path / "bf16c", device="cuda", cache_features=True, **kw),
+                             progress=False)
+    assert all(math.isfinite(r["loss"]) for r in bf16.losses)
+    for a, b in zip(bf16.losses, cached.losses):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+
+
 def test_resume_matches_uninterrupted_run(coco, tmp_path, monkeypatch):
     root = coco[0]
     # batch 1, 3 images, max 4 iterations (epoch 1 starts at 3); interrupted after 3
