@@ -1,5 +1,5 @@
 """`ovsam finetune` iterations per second on the tiny-256 model (real images, COCO base classes,
-batch 4, 16 prompts per image, as `recipes/tiny_finetune.sh`), in one process:
+batch 4, 16 prompts per image; `recipes/tiny_finetune.sh` now uses 8), in one process:
 
 1. per-group decoding: one `head.decode` call per image and prompt kind (the call pattern
    before the whole batch was decoded in one call);
