@@ -128,7 +128,9 @@ def test_flip_keeps_masks_boxes_and_pixels_consistent():
     image[20:60, 10:50] = 255
     rng = np.random.default_rng(0)
     aug = FD.Augment(flip=1.0, ratio=(1.0, 1.0), crop=False, min_area=32)
-    pixels, out, keep = FD.transform(image, mask, 1024, rng, aug, MEAN, STD)
+    draw = FD.draw_augment(rng, 100, 200, 1024, aug)
+    assert draw == FD.AugmentDraw(flip=True, nh=512, nw=1024, shrink=False, oy=0, ox=0)
+    pixels, out, keep = FD.apply_augment(image, mask, 1024, draw, aug.min_area, MEAN, STD)
     assert keep.tolist() == [True] and out.shape == (1, 1024, 1024)
     # scale 1024 / 200 = 5.12; flipped columns 150..190 → 768..972.8, rows 20..60 → 102.4..307.2
     assert FD.mask_box(out[0]) == [768.0, 102.0, 973.0, 307.0]

@@ -161,14 +161,6 @@ def apply_augment(image: np.ndarray, masks: np.ndarray, size: int, draw: Augment
     return pixels.contiguous(), out, keep
 
 
-def transform(image: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Generator, aug: Augment,
-              mean, std) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Flip, random resize of the `size` scale, random crop to size², pad (`draw_augment`, then
-    `apply_augment`)."""
-    draw = draw_augment(rng, image.shape[0], image.shape[1], size, aug)
-    return apply_augment(image, masks, size, draw, aug.min_area, mean, std)
-
-
 def mask_box(mask: np.ndarray) -> list[float]:
     """XYXY of a non-empty [H, W] mask, covering whole pixels."""
     ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
