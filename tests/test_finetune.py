@@ -121,6 +121,37 @@ def test_only_base_class_non_crowd_instances(coco):
     assert any(a["category_id"] in novel for a in gt["annotations"])  # there was something to drop
 
 
+def test_exif_rotated_and_16_bit_images_train_in_the_annotations_frame(coco, tmp_path):
+    """An image stored rotated with EXIF orientation 6 gives the same pixels and masks as the
+    upright original (the JSON's frame); a 16-bit grayscale PNG reads; a JSON size that fits
+    neither frame is a one-line FinetuneDataError."""
+    from PIL import Image
+
+    root, gt, base, _ = coco
+    _, vocab, base_ids = FD.read_annotations(root / "gt.json", "coco")
+    images = FD.collect_images(gt, root / "images", base_ids, 256)
+    item = images[0]
+    upright = Image.open(item.file).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed = stored turned 90° clockwise
+    rotated = tmp_path / "rotated.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(rotated, exif=exif.tobytes(), quality=100)
+    same = tmp_path / "upright.jpg"
+    upright.save(same, quality=100)
+    gray = tmp_path / "gray16.png"
+    Image.fromarray(np.asarray(upright.convert("L")).astype(np.uint16) * 257).save(gray)
+    kw = dict(vocab=vocab, size=256, mean=MEAN, std=STD, aug=FD.Augment(flip=0.0, ratio=(1.0, 1.0)),
+              prompts_per_image=4)
+    items = {f: FD.FinetuneDataset([FD.TrainImage(f, item.height, item.width, item.anns)], **kw)[0]
+             for f in (same, rotated, gray)}
+    assert torch.equal(items[rotated]["masks"], items[same]["masks"])
+    assert (items[rotated]["pixels"] - items[same]["pixels"]).abs().mean() < 0.05  # JPEG re-encoding only
+    assert torch.equal(items[gray]["masks"], items[same]["masks"]) and items[gray]["pixels"].shape == (3, 256, 256)
+    wrong = FD.FinetuneDataset([FD.TrainImage(same, item.height + 7, item.width, item.anns)], **kw)
+    with pytest.raises(FD.FinetuneDataError, match=r"^cannot read image .*upright\.jpg: "):
+        wrong[0]
+
+
 def test_flip_keeps_masks_boxes_and_pixels_consistent():
     image = np.zeros((100, 200, 3), dtype=np.uint8)
     mask = np.zeros((1, 100, 200), dtype=np.uint8)
@@ -276,8 +307,8 @@ def test_cached_features_train_as_without_the_cache(coco, tmp_path, monkeypatch)
     features computed once per flip instead of once per epoch."""
     root = coco[0]
     reads: list[str] = []
-    read_rgb = FD.read_rgb
-    monkeypatch.setattr(FD, "read_rgb", lambda path: reads.append(Path(path).name) or read_rgb(path))
+    read_image = FD.read_image
+    monkeypatch.setattr(FD, "read_image", lambda path, **kw: reads.append(Path(path).name) or read_image(path, **kw))
     trunk_images: list[int] = []
     compute = FT.FrozenFeatures.compute
     monkeypatch.setattr(FT.FrozenFeatures, "compute",

@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from ..io.datasets import lvis_file_name
-from ..io.loader import read_rgb
+from ..io.images import read_image
 from ..splits import coco_split_ids, lvis_split_ids
 from ..vocab import Vocabulary, vocabulary_from_categories
 
@@ -217,7 +217,8 @@ class FinetuneDataset(Dataset):
 
     def _read(self, item: TrainImage) -> tuple[np.ndarray, np.ndarray]:
         try:
-            image = read_rgb(item.file)
+            # the annotations' frame: EXIF orientation applied where the JSON's size says so
+            image = read_image(item.file, exif="auto", expected_hw=(item.height, item.width)).array
         except (OSError, ValueError) as e:
             raise FinetuneDataError(f"cannot read image {item.file}: {e}") from e
         return image, decode_masks(item.anns, image.shape[0], image.shape[1])
