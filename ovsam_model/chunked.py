@@ -25,7 +25,8 @@ import torch
 
 from .classify import top_k
 from .io.masks import encode_rle_wh
-from .transforms import POSTPROCESS_MODES, boxes_to_model, coords_to_model, iter_binary_masks_wh, prepare_image
+from .transforms import (POSTPROCESS_MODES, boxes_to_model, coords_to_model, iter_binary_masks_wh, model_input,
+                         resize_image)
 from .types import MASK_FORMATS, MaskFormat, PreparedImage, Prediction, Prompts
 from .vocab import Vocabulary
 
@@ -117,9 +118,10 @@ class ChunkedPredictor(abc.ABC):
         self.topk = topk
         self.mask_postprocess = mask_postprocess
         self.weights_sha256: dict[str, str] = dict(weights_sha256 or {})
-        # A plain function (picklable without the model) so DataLoader workers can run it.
-        self.prepare: Callable[[np.ndarray], PreparedImage] = partial(
-            prepare_image, size=self.image_size, mean=tuple(pixel_mean), std=tuple(pixel_std))
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
+        # A plain function (picklable without the model) so DataLoader workers can run it; the
+        # compact form: `encode` normalises and pads on the device (`transforms.model_input`).
+        self.prepare: Callable[[np.ndarray], PreparedImage] = partial(resize_image, size=self.image_size)
 
     @abc.abstractmethod
     def _encode_images(self, pixels: torch.Tensor) -> Any:
@@ -148,7 +150,7 @@ class ChunkedPredictor(abc.ABC):
 
     def encode(self, images: Sequence[PreparedImage]) -> Any:
         """Features of a batch of prepared images, for `decode_masks` (index i: images[i])."""
-        return self._encode_images(torch.stack([im.pixels for im in images]).to(self.device, non_blocking=True))
+        return self._encode_images(model_input(images, self.image_size, self.pixel_mean, self.pixel_std, self.device))
 
     def predict(self, images: Sequence[np.ndarray], prompts: Sequence[Prompts], *,
                 mask_format: MaskFormat = "bool") -> list[Prediction]:

@@ -7,7 +7,7 @@ Prompt coordinates are scaled by the same factors as `ResizeLongestSide.apply_co
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,28 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def resize_image(image: np.ndarray, size: int = 1024) -> PreparedImage:
+    """HxWx3 uint8 RGB → the compact form of `prepare_image`: [3, h, w] uint8, resized only.
+
+    What labeling's DataLoader workers make: `model_input` pads and normalises it where the model
+    runs, so a worker ships (and the host copies to a GPU) a quarter of the bytes of the float
+    input, and the model sees the same numbers."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image (0-255), got {image.dtype}")
+    height, width = image.shape[:2]
+    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(image))  # (h, w) = resized_shape(...)
+    return PreparedImage(pixels=torch.from_numpy(resized).permute(2, 0, 1).contiguous(), original_size=(height, width),
+                         input_size=(int(resized.shape[0]), int(resized.shape[1])))
+
+
+def _normalise(x: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]) -> torch.Tensor:
+    """[..., 3, h, w] uint8 → float32 (x - mean) / std (the one formula of both input forms)."""
+    shape = (3, 1, 1)
+    return x.float().sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
+
+
 def prepare_image(
     image: np.ndarray,
     size: int = 1024,
@@ -31,17 +53,36 @@ def prepare_image(
     std: tuple[float, float, float] = PIXEL_STD,
 ) -> PreparedImage:
     """HxWx3 uint8 RGB → [3, size, size] float32, normalised and zero-padded."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {tuple(image.shape)}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image (0-255), got {image.dtype}")
-    height, width = image.shape[:2]
-    h, w = resized_shape(height, width, size)
-    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(image))
-    x = torch.from_numpy(resized).permute(2, 0, 1).float()
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    x = F.pad(x, (0, size - w, 0, size - h))
-    return PreparedImage(pixels=x.contiguous(), original_size=(height, width), input_size=(h, w))
+    compact = resize_image(image, size)
+    h, w = compact.input_size
+    x = F.pad(_normalise(compact.pixels, mean, std), (0, size - w, 0, size - h))
+    return PreparedImage(pixels=x.contiguous(), original_size=compact.original_size, input_size=(h, w))
+
+
+def model_input(images: Sequence[PreparedImage], size: int, mean: tuple[float, float, float],
+                std: tuple[float, float, float], device: torch.device | str) -> torch.Tensor:
+    """The model's [B, 3, size, size] float32 input on `device`, from prepared images of either form.
+
+    Float pixels (`prepare_image`) are stacked as they are. Compact ones (`resize_image`: uint8,
+    resized only) are padded as bytes, copied to the device (through pinned memory to a GPU, without
+    blocking) and normalised there, their padding set to 0 as `prepare_image` leaves it: the same
+    float32 numbers either way."""
+    device = torch.device(device)
+    if not all(im.pixels.dtype == torch.uint8 for im in images):
+        return torch.stack([im.pixels if im.pixels.is_floating_point() else
+                            F.pad(_normalise(im.pixels, mean, std), (0, size - im.input_size[1], 0, size - im.input_size[0]))
+                            for im in images]).to(device, non_blocking=True)
+    pinned = device.type == "cuda"
+    batch = torch.zeros(len(images), 3, size, size, dtype=torch.uint8, pin_memory=pinned)
+    for i, im in enumerate(images):
+        h, w = im.input_size
+        batch[i, :, :h, :w] = im.pixels
+    x = _normalise(batch.to(device, non_blocking=pinned), mean, std)
+    for i, im in enumerate(images):
+        h, w = im.input_size
+        x[i, :, h:, :] = 0
+        x[i, :, :h, w:] = 0
+    return x
 
 
 def coords_to_model(coords: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int]) -> torch.Tensor:

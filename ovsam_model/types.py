@@ -115,9 +115,11 @@ class Prediction:
 
 @dataclass
 class PreparedImage:
-    """An image resized, normalised and padded for the model (made in DataLoader workers).
+    """An image prepared for the model (made in DataLoader workers), in one of two forms:
 
-    pixels: [3, S, S] float32 (S = the model's input size, 1024), normalised, zero-padded.
+    pixels: [3, S, S] float32 (S = the model's input size, 1024), normalised, zero-padded
+    (`transforms.prepare_image`); or [3, h, w] uint8, resized only (`transforms.resize_image`, what
+    predictors' `prepare` makes), which `transforms.model_input` normalises and pads on the device.
     original_size: (H, W) of the source image; input_size: (h, w) after the resize, before padding.
     """
 

@@ -14,7 +14,7 @@ from PIL import Image
 from ovsam_model import chunked
 from ovsam_model.builder import build_predictor
 from ovsam_model.io.masks import decode_rle, encode_rle, encode_rle_wh, mask_polygons
-from ovsam_model.transforms import mask_step, masks_to_original_exact, masks_to_original_fast
+from ovsam_model.transforms import mask_step, masks_to_original_exact, masks_to_original_fast, prepare_image
 from ovsam_model.types import Prompts
 
 PREDICTORS = [("tiny", "fast"), ("tiny", "exact"), ("baseline-image-crop:tiny", "fast"),
@@ -98,8 +98,9 @@ def test_bool_masks_equal_the_postprocessed_decoder_logits(postprocess, referenc
     prepared = predictor.prepare(images[0])
     out = predictor.predict_prepared([prepared], [Prompts(boxes=boxes)])[0]
     chunk = chunked.ModelPrompts.of(Prompts(boxes=boxes), prepared, predictor.device)
+    pixels = prepare_image(images[0], predictor.image_size, predictor.pixel_mean, predictor.pixel_std).pixels
     with torch.inference_mode():
-        feats = predictor.model.encode_images(prepared.pixels[None])
+        feats = predictor.model.encode_images(pixels[None])
         low = predictor.model.decode(feats, 0, boxes=chunk.boxes, input_size=prepared.input_size).mask_logits
     expected = reference(low.float(), prepared.input_size, prepared.original_size)[:, 0] > 0
     assert torch.equal(out.masks, expected)

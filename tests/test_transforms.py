@@ -11,8 +11,9 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from ovsam_model.modeling.baselines import build_tiny_sam
+from ovsam_model.config import PIXEL_MEAN, PIXEL_STD
 from ovsam_model.transforms import (boxes_to_model, boxes_to_original, coords_to_model, masks_to_original_exact,
-                                    masks_to_original_fast, prepare_image, resized_shape)
+                                    masks_to_original_fast, model_input, prepare_image, resize_image, resized_shape)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,46 @@ def test_prepare_image_rejects_non_uint8():
         prepare_image(np.zeros((10, 12, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="HxWx3"):
         prepare_image(np.zeros((10, 12), dtype=np.uint8))
+
+
+def _odd_images(images) -> list[np.ndarray]:
+    """The real images, and shapes that pad almost all rows, almost all columns, or nothing (square, 1×1)."""
+    rng = np.random.default_rng(0)
+    odd = [rng.integers(0, 256, size=shape, dtype=np.uint8) for shape in ((40, 1024, 3), (1024, 7, 3), (64, 64, 3),
+                                                                           (1, 1, 3))]
+    return list(images) + odd
+
+
+@pytest.mark.parametrize("size,mean,std", [(1024, PIXEL_MEAN, PIXEL_STD), (256, (1.0, 2.0, 3.0), (10.0, 20.0, 30.0))])
+def test_compact_model_input_equals_prepare_image(images, size, mean, std):
+    """What the DataLoader workers ship (uint8, resized only) becomes, on the device, bit for bit
+    the float input `prepare_image` makes: alone, in a batch of mixed sizes, and beside float images."""
+    odd = _odd_images(images)
+    compact = [resize_image(im, size) for im in odd]
+    full = [prepare_image(im, size, mean, std) for im in odd]
+    for c, f in zip(compact, full):
+        assert c.pixels.dtype == torch.uint8 and c.pixels.shape == (3, *c.input_size)
+        assert (c.input_size, c.original_size) == (f.input_size, f.original_size)
+        assert c.pixels.numel() * c.pixels.element_size() <= f.pixels.numel() * f.pixels.element_size() / 4
+    reference = torch.stack([f.pixels for f in full])
+    assert torch.equal(model_input(compact, size, mean, std, "cpu"), reference)
+    assert torch.equal(model_input(compact[:1], size, mean, std, "cpu"), reference[:1])
+    mixed = [c if i % 2 else f for i, (c, f) in enumerate(zip(compact, full))]
+    assert torch.equal(model_input(mixed, size, mean, std, "cpu"), reference)
+    narrow_w = compact[-3].input_size[1]  # the 1024×7 image: almost all padding, which must be 0 and was checked
+    assert narrow_w < size / 100 and reference[-3, :, :, narrow_w:].eq(0).all() and reference[-3, :, :, :narrow_w].ne(0).any()
+
+
+@pytest.mark.gpu
+def test_compact_model_input_on_cuda_equals_prepare_image(images):
+    compact = [resize_image(im) for im in _odd_images(images)]
+    reference = torch.stack([prepare_image(im).pixels for im in _odd_images(images)])
+    got = model_input(compact, 1024, PIXEL_MEAN, PIXEL_STD, "cuda")
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), reference, atol=1e-6, rtol=0)
+
+
+def test_resize_image_rejects_what_prepare_image_rejects():
+    for bad, match in ((np.zeros((10, 12, 3), dtype=np.float32), "uint8"), (np.zeros((10, 12), dtype=np.uint8), "HxWx3")):
+        with pytest.raises(ValueError, match=match):
+            resize_image(bad)
