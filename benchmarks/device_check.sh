@@ -11,6 +11,7 @@
 #                                       image at image batch 8 (its memory target), then the plain path, the
 #                                       feature-crop baseline, SAM alone and the rest of the sweep (full only)
 #   pytest_gpu.log                      pytest -m gpu (the CUDA tests)
+#   input_pipeline.json                 decoding and preparing images, to the GPU, float vs uint8 (full only)
 #   everything_cuda.json                --everything vs SamAutomaticMaskGenerator (full only)
 # smoke: the same steps on the CPU with tiny models, to check this script and the carried wheels on
 # a machine like the device's (Python 3.12, its torch) before spending device time; needs no GPU.
@@ -49,7 +50,7 @@ status=0
 data=.device/data/coco-val2017-mini
 # deadlines (seconds of this script's age): the benchmark until t_bench, the CUDA tests until t_tests, --everything
 # until the budget's end
-if [ "$mode" = quick ]; then t_bench=$(( budget - 120 )); t_tests=$(( budget - 5 )); else t_bench=$(( budget - 210 )); t_tests=$(( budget - 90 )); fi
+if [ "$mode" = quick ]; then t_bench=$(( budget - 120 )); t_tests=$(( budget - 5 )); else t_bench=$(( budget - 250 )); t_tests=$(( budget - 130 )); fi
 upto() { local s=$(( $1 - SECONDS )); [ "$s" -gt 1 ] && echo "$s" || echo 1; }
 timeout "$(upto $t_bench)" python3 benchmarks/label_throughput.py --device "$device" \
   --images "$data/images" --ann "$data/instances.json" --boxes gt "${models[@]}" --budget "$(upto $(( t_bench - 45 )))" \
@@ -60,6 +61,9 @@ timeout "$(upto $t_tests)" python3 -m pytest -q -m gpu -p no:cacheprovider --con
 passed='[0-9]+ passed'; [ "$mode" = smoke ] && passed='[0-9]+ (passed|skipped)'
 grep -Eq "$passed" "$OUT/pytest_gpu.log" && ! grep -Eq "[0-9]+ failed" "$OUT/pytest_gpu.log" || status=1
 if [ "$mode" != quick ]; then
+  timeout "$(upto $(( budget - 90 )))" python3 benchmarks/bench_input_pipeline.py --device "$device" \
+    --images "$([ "$mode" = smoke ] && echo 48 || echo 960)" --workers "$([ "$mode" = smoke ] && echo 2 || echo 8)" \
+    --json "$OUT/input_pipeline.json" || status=1
   timeout "$(upto $(( budget - 5 )))" python3 benchmarks/bench_everything.py --device "$device" "${everything[@]}" \
     --json "$OUT/everything_$device.json" || status=1
 fi

@@ -42,8 +42,8 @@ def resize_image(image: np.ndarray, size: int = 1024) -> PreparedImage:
 
 def _normalise(x: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]) -> torch.Tensor:
     """[..., 3, h, w] uint8 → float32 (x - mean) / std (the one formula of both input forms)."""
-    shape = (3, 1, 1)
-    return x.float().sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
+    mean_t, std_t = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (mean, std))
+    return x.float().sub_(mean_t).div_(std_t)
 
 
 def prepare_image(
@@ -69,9 +69,13 @@ def model_input(images: Sequence[PreparedImage], size: int, mean: tuple[float, f
     float32 numbers either way."""
     device = torch.device(device)
     if not all(im.pixels.dtype == torch.uint8 for im in images):
-        return torch.stack([im.pixels if im.pixels.is_floating_point() else
-                            F.pad(_normalise(im.pixels, mean, std), (0, size - im.input_size[1], 0, size - im.input_size[0]))
-                            for im in images]).to(device, non_blocking=True)
+        def as_float(im: PreparedImage) -> torch.Tensor:
+            if im.pixels.is_floating_point():
+                return im.pixels
+            (h, w) = im.input_size
+            return F.pad(_normalise(im.pixels, mean, std), (0, size - w, 0, size - h))
+
+        return torch.stack([as_float(im) for im in images]).to(device, non_blocking=True)
     pinned = device.type == "cuda"
     batch = torch.zeros(len(images), 3, size, size, dtype=torch.uint8, pin_memory=pinned)
     for i, im in enumerate(images):

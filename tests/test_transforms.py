@@ -132,7 +132,8 @@ def test_compact_model_input_equals_prepare_image(images, size, mean, std):
     mixed = [c if i % 2 else f for i, (c, f) in enumerate(zip(compact, full))]
     assert torch.equal(model_input(mixed, size, mean, std, "cpu"), reference)
     narrow_w = compact[-3].input_size[1]  # the 1024×7 image: almost all padding, which must be 0 and was checked
-    assert narrow_w < size / 100 and reference[-3, :, :, narrow_w:].eq(0).all() and reference[-3, :, :, :narrow_w].ne(0).any()
+    assert narrow_w < size / 100
+    assert reference[-3, :, :, narrow_w:].eq(0).all() and reference[-3, :, :, :narrow_w].ne(0).any()
 
 
 @pytest.mark.gpu
@@ -145,6 +146,7 @@ def test_compact_model_input_on_cuda_equals_prepare_image(images):
 
 
 def test_resize_image_rejects_what_prepare_image_rejects():
-    for bad, match in ((np.zeros((10, 12, 3), dtype=np.float32), "uint8"), (np.zeros((10, 12), dtype=np.uint8), "HxWx3")):
+    for bad, match in ((np.zeros((10, 12, 3), dtype=np.float32), "uint8"),
+                       (np.zeros((10, 12), dtype=np.uint8), "HxWx3")):
         with pytest.raises(ValueError, match=match):
             resize_image(bad)
