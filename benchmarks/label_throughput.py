@@ -17,7 +17,9 @@ the vocabulary is the dataset's categories with random unit text embeddings of t
 On CUDA the engine runs under bf16 autocast as the CLI does (SAM alone in fp32, as shipped).
 
 Reported per row: images/s, prompts/s, peak memory (host: VmHWM reset before the timed images;
-GPU: max_memory_allocated), and the ratio of ovsam's images/s to the row's. `--sweep` adds ovsam
+GPU: max_memory_allocated), the ratio of ovsam's images/s to the row's, and the mean RLE length of
+the warm-up image's masks (random weights give speckled masks, tens of kB each against a trained
+model's hundreds of bytes, so RLE encoding and JSON weigh more here than in use). `--sweep` adds ovsam
 rows for 1/10/100/300 random boxes per image and image batch sizes 1/2/4/8. The table is printed
 and appended to benchmarks/RESULTS.md with the machine, commit and date (`--results ''`: not).
 
@@ -100,6 +102,14 @@ def _dataset(gt: dict, image_ids: list[int]) -> Path:
     return path
 
 
+def _rle_chars(results: Path) -> Optional[float]:
+    """Mean length of the RLE strings of a results file: random weights make speckled masks whose
+    RLEs run to tens of kB (a trained model's: hundreds of bytes), which inflates the CPU share of
+    a row (encoding, JSON); the column says how much."""
+    records = json.loads(results.read_text())
+    return sum(len(r["segmentation"]["counts"]) for r in records) / len(records) if records else None
+
+
 def repeated(gt: dict, records: list[dict], image_ids: list[int], n: int) -> tuple[dict, list[dict], list[int]]:
     """`n` images from `image_ids`, taken again under new ids (the same files, boxes and
     annotations) where there are fewer: a GPU labels a few dozen images in well under a second,
@@ -161,6 +171,7 @@ def engine_row(name: str, model: str, args: argparse.Namespace, gt: dict, record
 
     run(image_ids[:1], "warmup")()
     row = _timed(args.device, run(image_ids, "timed"), len(image_ids))
+    row["rle_chars_per_mask"] = _rle_chars(out / "warmup.json")
     row.update(name=name, model=model, fast_paths_off=switched,
                batch_size=batch_size or args.batch_size)
     for module, enabled in fast.items():
@@ -229,11 +240,13 @@ def random_boxes(files: dict[int, tuple[int, int]], per_image: int, seed: int = 
 
 
 def table(rows: list[dict], reference: float) -> str:
-    lines = ["| row | images/s | prompts/s | ovsam ÷ row | host peak MiB | GPU peak MiB |", "|---|---|---|---|---|---|"]
+    lines = ["| row | images/s | prompts/s | ovsam ÷ row | host peak MiB | GPU peak MiB | RLE chars/mask |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: "—" if v is None else f"{v:,.0f}"  # noqa: E731
         lines.append(f"| {r['name']} | {r['images_per_s']:.4g} | {r['prompts_per_s']:.4g} | "
-                     f"{reference / r['images_per_s']:.2f}× | {fmt(r['host_peak_mib'])} | {fmt(r['gpu_peak_mib'])} |")
+                     f"{reference / r['images_per_s']:.2f}× | {fmt(r['host_peak_mib'])} | {fmt(r['gpu_peak_mib'])} | "
+                     f"{fmt(r.get('rle_chars_per_mask'))} |")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .classify import top_k
-from .io.masks import encode_rle_wh
+from .io.masks import encode_rle_wh, mask_stats_wh
 from .transforms import (POSTPROCESS_MODES, boxes_to_model, coords_to_model, iter_binary_masks_wh, model_input,
                          resize_image)
 from .types import MASK_FORMATS, MaskFormat, PreparedImage, Prediction, Prompts
@@ -119,6 +119,9 @@ class ChunkedPredictor(abc.ABC):
         self.mask_postprocess = mask_postprocess
         self.weights_sha256: dict[str, str] = dict(weights_sha256 or {})
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
+        # "rle" masks' areas and boxes measured on the device (`io.masks.mask_stats_wh`); on a CPU,
+        # pycocotools on each RLE is the faster for a trained model's masks (`labeling.records`)
+        self.mask_stats_on_device = self.device.type != "cpu"
         # A plain function (picklable without the model) so DataLoader workers can run it; the
         # compact form: `encode` normalises and pads on the device (`transforms.model_input`).
         self.prepare: Callable[[np.ndarray], PreparedImage] = partial(resize_image, size=self.image_size)
@@ -186,6 +189,8 @@ class ChunkedPredictor(abc.ABC):
         n = len(prompts)
         masks = torch.empty(n, *image.original_size, dtype=torch.bool) if mask_format == "bool" else None
         rles: list[dict] = []
+        areas: list[int] = []
+        boxes: list[list[float]] = []
         labels, scores = [], []
         done = 0
         for start in range(0, n, self.box_chunk):
@@ -195,13 +200,18 @@ class ChunkedPredictor(abc.ABC):
             labels.append(top_labels.cpu())
             scores.append(top_scores.float().cpu())
             for step in iter_binary_masks_wh(out.low_res, image.input_size, image.original_size, self.image_size,
-                                             self.mask_postprocess):
+                                             self.mask_postprocess, on_device=True):
                 if masks is not None:
-                    masks[done : done + step.shape[0]] = step.transpose(1, 2)
+                    masks[done : done + step.shape[0]] = step.cpu().transpose(1, 2)
                 else:
+                    if self.mask_stats_on_device:
+                        step_areas, step_boxes = mask_stats_wh(step)  # before the masks leave the device
+                        areas += step_areas
+                        boxes += step_boxes
                     rles.extend(encode_rle_wh(step))
                 done += step.shape[0]
         topk_labels, topk_scores = torch.cat(labels), torch.cat(scores)
+        stats = masks is None and self.mask_stats_on_device
         return Prediction(masks=masks, labels=topk_labels[:, 0].clone(), scores=topk_scores[:, 0].clone(),
-                          topk_labels=topk_labels, topk_scores=topk_scores,
-                          rles=rles if masks is None else None)
+                          topk_labels=topk_labels, topk_scores=topk_scores, rles=rles if masks is None else None,
+                          mask_areas=areas if stats else None, mask_boxes=boxes if stats else None)

@@ -178,9 +178,10 @@ def mask_step(original_size: tuple[int, int], size: int = 1024, mode: str = "fas
 
 def iter_binary_masks_wh(
     low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], size: int = 1024,
-    mode: str = "fast",
+    mode: str = "fast", on_device: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """[N, 1, s, s] logits → successive [n, W, H] bool CPU tensors (logits > 0), in prompt order.
+    """[N, 1, s, s] logits → successive [n, W, H] bool CPU tensors (logits > 0), in prompt order
+    (`on_device`: left on the logits' device).
 
     Each yield holds `mask_step` masks at most, transposed and C-contiguous: the bytes of the
     Fortran-ordered H×W×n array pycocotools encodes (`io.masks.encode_rle_wh`); `.transpose(1, 2)`
@@ -196,10 +197,10 @@ def iter_binary_masks_wh(
     for s in range(0, low_res.shape[0], step):
         x = low_res[s : s + step].float()
         if grid is not None:
-            yield (_sample(x, grid)[:, 0] > 0).cpu()
+            masks = _sample(x, grid)[:, 0] > 0
         else:
-            exact = masks_to_original_exact(x, input_size, original_size, size)[:, 0] > 0
-            yield exact.transpose(1, 2).contiguous().cpu()
+            masks = (masks_to_original_exact(x, input_size, original_size, size)[:, 0] > 0).transpose(1, 2).contiguous()
+        yield masks if on_device else masks.cpu()
 
 
 def iter_mask_logits(

@@ -87,6 +87,8 @@ class Prediction:
     topk_labels / topk_scores: [N, k] alternatives, best first (column 0 == labels).
     rles: N COCO compressed RLEs {"size": [H, W], "counts": str} ("rle" format), else None;
         exactly `io.masks.encode_rle(masks)` of the bool format.
+    mask_areas / mask_boxes: with `rles`, each mask's pixel count and XYWH box where the masks were
+        made (`io.masks.mask_stats_wh`: what pycocotools' `area` / `toBbox` give); None: not known.
     """
 
     masks: Optional[torch.Tensor]
@@ -95,6 +97,8 @@ class Prediction:
     topk_labels: torch.Tensor
     topk_scores: torch.Tensor
     rles: Optional[list[dict]] = None
+    mask_areas: Optional[list[int]] = None
+    mask_boxes: Optional[list[list[float]]] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -110,6 +114,8 @@ class Prediction:
             topk_labels=torch.zeros(0, k, dtype=torch.long),
             topk_scores=torch.zeros(0, k),
             rles=[] if rle else None,
+            mask_areas=[] if rle else None,
+            mask_boxes=[] if rle else None,
         )
 
 

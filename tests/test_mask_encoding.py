@@ -13,7 +13,8 @@ from PIL import Image
 
 from ovsam_model import chunked
 from ovsam_model.builder import build_predictor
-from ovsam_model.io.masks import decode_rle, encode_rle, encode_rle_wh, mask_polygons
+from ovsam_model.io.masks import (decode_rle, encode_rle, encode_rle_wh, mask_polygons, mask_stats_wh, rle_area,
+                                  rle_bbox)
 from ovsam_model.transforms import mask_step, masks_to_original_exact, masks_to_original_fast, prepare_image
 from ovsam_model.types import Prompts
 
@@ -69,6 +70,9 @@ def _assert_same_predictions(bool_out, rle_out):
         assert r.rles == encode_rle(b.masks)  # byte-identical counts, same size
         for field in ("labels", "scores", "topk_labels", "topk_scores"):
             assert torch.equal(getattr(b, field), getattr(r, field)), field
+        assert b.mask_areas is None and b.mask_boxes is None
+        if r.mask_areas is not None or len(r) == 0:  # measured on the device (forced on CPU by the tests that check it)
+            assert r.mask_areas == rle_area(r.rles) and r.mask_boxes == rle_bbox(r.rles)  # pycocotools, same RLEs
 
 
 @pytest.mark.parametrize("name, postprocess", PREDICTORS)
@@ -82,6 +86,13 @@ def test_rle_equals_encoded_bool_masks(name, postprocess, images, predictor_for)
     bool_out = predictor.predict_prepared(prepared, prompts)
     rle_out = predictor.predict_prepared(prepared, prompts, mask_format="rle")
     _assert_same_predictions(bool_out, rle_out)
+    predictor.mask_stats_on_device = True  # areas and boxes measured where the masks are, as on a GPU
+    try:
+        measured = predictor.predict_prepared(prepared, prompts, mask_format="rle")
+    finally:
+        predictor.mask_stats_on_device = False
+    _assert_same_predictions(bool_out, measured)
+    assert [len(m.mask_areas) for m in measured] == [10, 3, 0]
     assert [len(o) for o in rle_out] == [10, 3, 0]
     assert rle_out[0].rles[0]["size"] == [h0, w0] and isinstance(rle_out[0].rles[0]["counts"], str)
     assert bool_out[2].masks.shape == (0, h1, w1) and rle_out[2].rles == []
@@ -162,3 +173,66 @@ def test_transposed_layout_is_encoded_without_a_copy_and_strided_input_once():
     assert encode_rle_wh(masks.transpose(1, 2)) == reference
     with pytest.raises(TypeError):
         encode_rle_wh(masks.float())
+
+
+def _awkward_masks(h: int = 37, w: int = 53) -> torch.Tensor:
+    """[N, H, W]: empty, full, one pixel in each corner, a run through the bottom of one column and
+    the top of the next (pycocotools' column-crossing case), rows and columns at the borders, speckle."""
+    masks = torch.zeros(10, h, w, dtype=torch.bool)
+    masks[1] = True
+    masks[2, 0, 0] = True
+    masks[3, h - 1, w - 1] = True
+    masks[4, h - 3 :, 5] = True
+    masks[4, :2, 6] = True
+    masks[5, :, 0] = True
+    masks[6, 0, :] = True
+    masks[7, 10:20, 30:31] = True
+    masks[8] = torch.rand(h, w, generator=torch.Generator().manual_seed(0)) > 0.7
+    masks[9, 5, w - 1] = masks[9, h - 1, 3] = True
+    return masks
+
+
+def test_mask_stats_equal_pycocotools_area_and_box():
+    masks = _awkward_masks()
+    rles = encode_rle(masks)
+    areas, boxes = mask_stats_wh(masks.transpose(1, 2).contiguous())
+    assert areas == rle_area(rles) == [int(m.sum()) for m in masks]
+    assert boxes == rle_bbox(rles)
+    assert boxes[0] == [0.0, 0.0, 0.0, 0.0] and boxes[1] == [0.0, 0.0, 53.0, 37.0] and boxes[4] == [5.0, 0.0, 2.0, 37.0]
+    assert mask_stats_wh(masks[:0].transpose(1, 2)) == ([], [])
+
+
+def test_records_from_the_predictor_stats_equal_records_from_pycocotools(images, predictor_for):
+    """The records `ovsam label` writes are the same whether area and bbox come from the step's
+    reductions or from pycocotools on the RLEs (the path of predictions without them)."""
+    from dataclasses import replace
+
+    from ovsam_model.io.datasets import ImageRecord
+    from ovsam_model.labeling.records import build_records
+    from ovsam_model.io.detections import PromptRecord
+
+    predictor = predictor_for("tiny", "fast", box_chunk=4)
+    h, w = images[0].shape[:2]
+    boxes = _boxes(9, h, w, 5)
+    assert not predictor.mask_stats_on_device  # on a CPU, pycocotools measures them (the faster there)
+    assert predictor.predict_prepared([predictor.prepare(images[0])], [Prompts(boxes=boxes[:2])],
+                                      mask_format="rle")[0].mask_areas is None
+    predictor.mask_stats_on_device = True  # what a GPU does
+    try:
+        out = predictor.predict_prepared([predictor.prepare(images[0])], [Prompts(boxes=boxes)], mask_format="rle")[0]
+    finally:
+        predictor.mask_stats_on_device = False
+    assert out.mask_areas is not None and any(a > 0 for a in out.mask_areas)
+    image = ImageRecord(id=1, path="x.jpg", file_name="x.jpg", height=h, width=w)
+    prompts = [PromptRecord(index=i, image_id=1, score=0.9, category_id=1, box=tuple(float(v) for v in b))
+               for i, b in enumerate(boxes)]
+    ids = list(range(1, len(predictor.class_names) + 1))
+    ours = build_records(image, prompts, out, category_ids=ids)
+    assert ours == build_records(image, prompts, replace(out, mask_areas=None, mask_boxes=None), category_ids=ids)
+
+
+@pytest.mark.gpu
+def test_mask_stats_on_cuda_equal_pycocotools():
+    masks = _awkward_masks()
+    assert mask_stats_wh(masks.transpose(1, 2).contiguous().cuda()) == (rle_area(encode_rle(masks)),
+                                                                         rle_bbox(encode_rle(masks)))

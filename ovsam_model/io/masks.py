@@ -66,6 +66,28 @@ def rle_bbox(rles: list[dict]) -> list[list[float]]:
     return [[float(v) for v in mask_utils.toBbox(rle)] for rle in rles]
 
 
+def mask_stats_wh(masks_wh: torch.Tensor) -> tuple[list[int], list[list[float]]]:
+    """[N, W, H] bool (each mask transposed, on any device) → each mask's pixel count and XYWH box,
+    as pycocotools' `area` and `toBbox` give them for its RLE ([0, 0, 0, 0] when empty).
+
+    A few reductions over the whole step where the masks are (on a GPU, before they leave it),
+    instead of two pycocotools calls per mask that decode its RLE string: for an intricate mask
+    (hair, foliage, or a model with random weights) that string runs to tens of kB. On a CPU,
+    pycocotools is the faster for the compact masks of a trained model."""
+    if masks_wh.dim() != 3:
+        raise ValueError(f"masks must be [N, W, H], got {tuple(masks_wh.shape)}")
+    as_bytes = masks_wh.view(torch.uint8)  # the reductions below are several times faster on bytes than on bool
+    areas = as_bytes.sum(dim=(1, 2), dtype=torch.int64)
+
+    def extent(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [N, L] 0/1 → first, last 1's index
+        index, hit = torch.arange(hit.shape[1], device=hit.device), hit.bool()
+        return torch.where(hit, index, hit.shape[1]).amin(1), torch.where(hit, index, -1).amax(1)
+
+    (x0, x1), (y0, y1) = extent(as_bytes.amax(dim=2)), extent(as_bytes.amax(dim=1))
+    boxes = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=1) * (areas > 0)[:, None]
+    return areas.tolist(), boxes.float().tolist()
+
+
 def mask_polygons(mask: Union[torch.Tensor, np.ndarray, dict]) -> list[list[float]]:
     """One [H, W] bool mask, or its RLE dict, → COCO polygons [[x1, y1, x2, y2, ...], ...] of the
     outer contours.

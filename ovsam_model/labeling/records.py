@@ -97,7 +97,10 @@ def build_records(
     rles = _rles(prediction)
     if rles and any(list(rle["size"]) != [image.height, image.width] for rle in rles):
         raise ValueError(f"image {image.id}: masks of size {rles[0]['size']} != image {[image.height, image.width]}")
-    areas, boxes = rle_area(rles), rle_bbox(rles)
+    if prediction.mask_areas is not None and prediction.mask_boxes is not None:
+        areas, boxes = prediction.mask_areas, prediction.mask_boxes  # measured where the masks were made
+    else:
+        areas, boxes = rle_area(rles), rle_bbox(rles)
     labels = prediction.labels.tolist()
     probs = prediction.scores.tolist()
     topk_labels, topk_probs = prediction.topk_labels.tolist(), prediction.topk_scores.tolist()
