@@ -200,7 +200,7 @@ class ChunkedPredictor(abc.ABC):
             labels.append(top_labels.cpu())
             scores.append(top_scores.float().cpu())
             for step in iter_binary_masks_wh(out.low_res, image.input_size, image.original_size, self.image_size,
-                                             self.mask_postprocess, on_device=True):
+                                             self.mask_postprocess):
                 if masks is not None:
                     masks[done : done + step.shape[0]] = step.cpu().transpose(1, 2)
                 else:

@@ -46,6 +46,13 @@ def _normalise(x: torch.Tensor, mean: tuple[float, float, float], std: tuple[flo
     return x.float().sub_(mean_t).div_(std_t)
 
 
+def _padded_float(compact: PreparedImage, size: int, mean: tuple[float, float, float],
+                  std: tuple[float, float, float]) -> torch.Tensor:
+    """A `resize_image` output → the [3, size, size] float input `prepare_image` makes of it."""
+    h, w = compact.input_size
+    return F.pad(_normalise(compact.pixels, mean, std), (0, size - w, 0, size - h))
+
+
 def prepare_image(
     image: np.ndarray,
     size: int = 1024,
@@ -54,9 +61,8 @@ def prepare_image(
 ) -> PreparedImage:
     """HxWx3 uint8 RGB → [3, size, size] float32, normalised and zero-padded."""
     compact = resize_image(image, size)
-    h, w = compact.input_size
-    x = F.pad(_normalise(compact.pixels, mean, std), (0, size - w, 0, size - h))
-    return PreparedImage(pixels=x.contiguous(), original_size=compact.original_size, input_size=(h, w))
+    return PreparedImage(pixels=_padded_float(compact, size, mean, std).contiguous(),
+                         original_size=compact.original_size, input_size=compact.input_size)
 
 
 def model_input(images: Sequence[PreparedImage], size: int, mean: tuple[float, float, float],
@@ -69,13 +75,8 @@ def model_input(images: Sequence[PreparedImage], size: int, mean: tuple[float, f
     float32 numbers either way."""
     device = torch.device(device)
     if not all(im.pixels.dtype == torch.uint8 for im in images):
-        def as_float(im: PreparedImage) -> torch.Tensor:
-            if im.pixels.is_floating_point():
-                return im.pixels
-            (h, w) = im.input_size
-            return F.pad(_normalise(im.pixels, mean, std), (0, size - w, 0, size - h))
-
-        return torch.stack([as_float(im) for im in images]).to(device, non_blocking=True)
+        return torch.stack([im.pixels if im.pixels.is_floating_point() else _padded_float(im, size, mean, std)
+                            for im in images]).to(device, non_blocking=True)
     pinned = device.type == "cuda"
     batch = torch.zeros(len(images), 3, size, size, dtype=torch.uint8, pin_memory=pinned)
     for i, im in enumerate(images):
@@ -178,10 +179,10 @@ def mask_step(original_size: tuple[int, int], size: int = 1024, mode: str = "fas
 
 def iter_binary_masks_wh(
     low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], size: int = 1024,
-    mode: str = "fast", on_device: bool = False,
+    mode: str = "fast",
 ) -> Iterator[torch.Tensor]:
-    """[N, 1, s, s] logits → successive [n, W, H] bool CPU tensors (logits > 0), in prompt order
-    (`on_device`: left on the logits' device).
+    """[N, 1, s, s] logits → successive [n, W, H] bool tensors (logits > 0) on the logits' device,
+    in prompt order.
 
     Each yield holds `mask_step` masks at most, transposed and C-contiguous: the bytes of the
     Fortran-ordered H×W×n array pycocotools encodes (`io.masks.encode_rle_wh`); `.transpose(1, 2)`
@@ -197,10 +198,10 @@ def iter_binary_masks_wh(
     for s in range(0, low_res.shape[0], step):
         x = low_res[s : s + step].float()
         if grid is not None:
-            masks = _sample(x, grid)[:, 0] > 0
+            yield _sample(x, grid)[:, 0] > 0
         else:
-            masks = (masks_to_original_exact(x, input_size, original_size, size)[:, 0] > 0).transpose(1, 2).contiguous()
-        yield masks if on_device else masks.cpu()
+            exact = masks_to_original_exact(x, input_size, original_size, size)[:, 0] > 0
+            yield exact.transpose(1, 2).contiguous()
 
 
 def iter_mask_logits(
