@@ -6,6 +6,8 @@ for OVSAM the bool masks themselves against `masks_to_original_*` of the decoder
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,16 @@ def _assert_same_predictions(bool_out, rle_out):
             assert r.mask_areas == rle_area(r.rles) and r.mask_boxes == rle_bbox(r.rles)  # pycocotools, same RLEs
 
 
+@contextlib.contextmanager
+def _stats_on_device(predictor):
+    """Areas and boxes of "rle" masks measured where the masks are, as on a GPU (a CPU leaves them to pycocotools)."""
+    predictor.mask_stats_on_device = True
+    try:
+        yield
+    finally:
+        predictor.mask_stats_on_device = False
+
+
 @pytest.mark.parametrize("name, postprocess", PREDICTORS)
 def test_rle_equals_encoded_bool_masks(name, postprocess, images, predictor_for):
     """Boxes in chunks of 4 (10 boxes: 4 + 4 + 2), points with a negative and a padding click,
@@ -86,11 +98,8 @@ def test_rle_equals_encoded_bool_masks(name, postprocess, images, predictor_for)
     bool_out = predictor.predict_prepared(prepared, prompts)
     rle_out = predictor.predict_prepared(prepared, prompts, mask_format="rle")
     _assert_same_predictions(bool_out, rle_out)
-    predictor.mask_stats_on_device = True  # areas and boxes measured where the masks are, as on a GPU
-    try:
+    with _stats_on_device(predictor):
         measured = predictor.predict_prepared(prepared, prompts, mask_format="rle")
-    finally:
-        predictor.mask_stats_on_device = False
     _assert_same_predictions(bool_out, measured)
     assert [len(m.mask_areas) for m in measured] == [10, 3, 0]
     assert [len(o) for o in rle_out] == [10, 3, 0]
@@ -217,11 +226,8 @@ def test_records_from_the_predictor_stats_equal_records_from_pycocotools(images,
     assert not predictor.mask_stats_on_device  # on a CPU, pycocotools measures them (the faster there)
     assert predictor.predict_prepared([predictor.prepare(images[0])], [Prompts(boxes=boxes[:2])],
                                       mask_format="rle")[0].mask_areas is None
-    predictor.mask_stats_on_device = True  # what a GPU does
-    try:
+    with _stats_on_device(predictor):
         out = predictor.predict_prepared([predictor.prepare(images[0])], [Prompts(boxes=boxes)], mask_format="rle")[0]
-    finally:
-        predictor.mask_stats_on_device = False
     assert out.mask_areas is not None and any(a > 0 for a in out.mask_areas)
     image = ImageRecord(id=1, path="x.jpg", file_name="x.jpg", height=h, width=w)
     prompts = [PromptRecord(index=i, image_id=1, score=0.9, category_id=1, box=tuple(float(v) for v in b))
