@@ -129,6 +129,45 @@ def test_a_second_writer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_pat
     w.close()
 
 
+_HOLD_WITH_WORKER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from ovsam_model.labeling.parts import PartWriter
+    w = PartWriter(Path(sys.argv[1]), "fp", {}, resume=False)
+    w.append([{"image": {"id": 1}, "records": []}])
+    if os.fork() == 0:  # what a DataLoader worker is: forked after the writer took its lock
+        print("worker", os.getpid(), flush=True)
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(0.5)
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_killed_runs_lock_is_free_while_its_forked_workers_linger(tmp_path):
+    """A run killed with SIGKILL leaves its DataLoader workers alive for a while: they must not
+    hold its part file's lock, or an immediate --resume is refused naming the dead run."""
+    import signal
+
+    path = part_path(tmp_path / "out.json")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_WITH_WORKER, str(path)], stdout=subprocess.PIPE, text=True)
+    lines = [holder.stdout.readline().split() for _ in range(2)]
+    worker = int(next(line[1] for line in lines if line[0] == "worker"))
+    try:
+        assert ["locked"] in lines
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(worker, 0)  # the worker still runs
+        w = PartWriter(path, "fp", {}, resume=True)
+        assert sorted(w.done) == [1]
+        w.append([{"image": {"id": 2}, "records": []}])
+        w.close()
+        assert sorted(scan_part(path).entries) == [1, 2]  # the worker never wrote into the file
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def _write(fmt, entries, tmp_path, categories=({"id": 1, "name": "x"},), name="o.json"):
     sink = get_format(fmt.split(":")[0], segmentation="polygons" if fmt.endswith(":polygons") else "rle")
     sink.begin(tmp_path / name, list(categories))

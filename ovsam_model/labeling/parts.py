@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Optional, Sequence
@@ -133,8 +134,30 @@ def _owner_text(owner: Optional[dict]) -> str:
     return f"another ovsam label run (pid {owner.get('pid')} on {owner.get('host')}, started {started})"
 
 
+_OPEN_WRITERS: "weakref.WeakSet[PartWriter]" = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): point each open part file's descriptor at /dev/null.
+
+    An `flock` belongs to the open file, which a fork shares: without this, the workers of a run
+    killed with SIGKILL would hold its lock until they noticed and exited (seconds), and a
+    `--resume` started at once would be refused, naming the dead run. /dev/null, not a close: the
+    child's file object may still flush or close that descriptor number."""
+    for writer in list(_OPEN_WRITERS):
+        if not writer._file.closed:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, writer._file.fileno())
+            os.close(null)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class PartWriter:
-    """This rank's part file, locked for the writer's life; appends finished images."""
+    """This rank's part file, locked for the writer's life (by this process only: forked children
+    let go of it, `_drop_inherited_locks`); appends finished images."""
 
     def __init__(self, path: Path, fingerprint: str, options: Mapping[str, Any], *, resume: bool) -> None:
         self.path = path
@@ -147,6 +170,7 @@ class PartWriter:
         except BaseException:
             self._file.close()
             raise
+        _OPEN_WRITERS.add(self)
 
     def _lock(self) -> None:
         if fcntl is None:
