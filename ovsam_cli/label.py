@@ -425,6 +425,9 @@ def label(
             ray_job = _ray_settings(locals())
             target = _check_out(out, resume)
             if target is not None:
+                from ovsam_model.labeling.api import check_out_not_input
+
+                check_out_not_input(target, {"--boxes": boxes, "--points": points, "--ann": ann})
                 from ovsam_model.labeling.parts import check_not_running
 
                 env = DistEnv.from_env()
@@ -447,6 +450,10 @@ def label(
             sink = output_format(fmt.value, None if target is None else Path(target), polygons=polygons,
                                  yolo_boxes=yolo_boxes, ls_image_root=ls_image_root, images=local_images,
                                  model_version=model)
+            if target is not None:
+                from ovsam_model.labeling.engine import check_out_target
+
+                check_out_target(Path(target), sink)
             job = LabelJob(
                 source=source, images=image_source, ann=ann_at, out=target, label_source=label_source.value, fmt=fmt.value, polygons=polygons, resume=resume,
                 batch_size=batch_size, workers=workers, exif=exif.value, strict=strict, quiet=quiet, sink=sink, ray=ray_job,

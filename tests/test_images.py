@@ -106,7 +106,7 @@ def test_float_tiff_is_skipped_with_its_reason(coco_rgb, tmp_path):
     with pytest.raises(FloatImageError, match=r"^float image \(mode F\): convert it to 8 or 16 bits first$"):
         read_rgb(path)
     item = _load_one(path, coco_rgb.shape[:2])
-    assert item.prepared is None and item.error == message and item.reason == SkipReason.IMAGE_UNREADABLE
+    assert item.prepared is None and item.error == message and item.reason == SkipReason.IMAGE_FLOAT  # not "corrupt"
 
 
 def test_float_rgb_tiff_and_hdr_are_skipped_not_called_corrupt(coco_rgb, tmp_path):
@@ -115,6 +115,7 @@ def test_float_rgb_tiff_and_hdr_are_skipped_not_called_corrupt(coco_rgb, tmp_pat
         assert cv2.imwrite(str(tmp_path / name), data)
         item = _load_one(tmp_path / name, coco_rgb.shape[:2])
         assert item.error == f"float image ({what}): convert it to 8 or 16 bits first"
+        assert item.reason == SkipReason.IMAGE_FLOAT
 
 
 def test_8bit_modes_still_convert_as_pil_does(coco_rgb, tmp_path):

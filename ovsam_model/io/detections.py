@@ -50,6 +50,7 @@ class SkipReason:
     IMAGE_NOT_IN_ANN = "image not in --ann"
     IMAGE_UNREADABLE = "image file missing or corrupt"
     IMAGE_SIZE_MISMATCH = "image size differs from --ann"
+    IMAGE_FLOAT = "float image (no defined white: convert to 8 or 16 bits)"
     BELOW_SCORE_THR = "score below --score-thr"
     OVER_MAX_DETS = "over --max-dets per image"
 
@@ -114,15 +115,19 @@ class PromptSet:
 # stage 1: parsing and structure
 
 
+BOM = "\ufeff"  # the UTF-8 byte-order mark that Windows tools (PowerShell, Notepad) write first
+
+
 def _read_text(source: Source, stdin: Optional[TextIO]) -> tuple[str, str]:
+    """The text of a prompt file or of stdin ('-'), without a byte-order mark."""
     if str(source) == "-":
         stream = stdin if stdin is not None else sys.stdin
-        return stream.read(), "<stdin>"
+        return stream.read().removeprefix(BOM), "<stdin>"
     from ovsam_model.io.uris import location, read_bytes
 
     path = location(source)  # a local Path, or a URI read through fsspec
     try:
-        text = read_bytes(path).decode("utf-8") if isinstance(path, str) else path.read_text(encoding="utf-8")
+        text = read_bytes(path).decode("utf-8-sig") if isinstance(path, str) else path.read_text(encoding="utf-8-sig")
         return text, str(path)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
@@ -140,6 +145,8 @@ def _parse_json_documents(text: str, name: str) -> list[tuple[Any, str]]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"{name}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        except RecursionError:  # arrays nested thousands deep: json's decoder recurses
+            raise InputError(f"{name}: JSON nested too deeply to read") from None
         return [(rec, f"record {i}") for i, rec in enumerate(data)]
     out: list[tuple[Any, str]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -150,6 +157,8 @@ def _parse_json_documents(text: str, name: str) -> list[tuple[Any, str]]:
                              f"give it as --ann and the detector's results array as --boxes")
         try:
             out.append((json.loads(line), f"record {len(out)} (line {lineno})"))
+        except RecursionError:
+            raise InputError(f"{name}: line {lineno}: JSON nested too deeply to read") from None
         except json.JSONDecodeError as exc:
             if not out:
                 try:  # a single pretty-printed object: say what it is rather than "line 1"
@@ -176,11 +185,20 @@ def _is_dataset_json(line: str) -> bool:
     return isinstance(obj, dict) and {"images", "annotations"} <= obj.keys()
 
 
+def _float(value: Union[int, float]) -> float:
+    """A JSON number as a float; an integer too large for one (JSON allows any number of digits)
+    becomes ±inf, which `select_prompts` skips as non-finite, like 1e400 is."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _number(rec: Mapping, key: str, where: str, name: str) -> float:
     value = rec[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{name}: {where}: field '{key}' must be a number, got {value!r}")
-    return float(value)
+    return _float(value)
 
 
 def _image_id(rec: Mapping, where: str, name: str) -> int:
@@ -209,7 +227,7 @@ def _bbox(rec: Mapping, where: str, name: str) -> tuple[float, float, float, flo
         or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
     ):
         raise InputError(f"{name}: {where}: field 'bbox' must be [x, y, width, height], got {value!r}")
-    return tuple(float(v) for v in value)  # type: ignore[return-value]
+    return tuple(_float(v) for v in value)  # type: ignore[return-value]
 
 
 def _category(rec: Mapping, where: str, name: str) -> Optional[int]:
@@ -356,7 +374,7 @@ def _point_record(rec: Any, index: int, where: str, name: str, require_category:
         score=_number(rec, "score", where, name) if "score" in rec else 1.0,
         category_id=_category(rec, where, name),
         bbox=_bbox(rec, where, name) if "bbox" in rec else None,
-        points=tuple((float(x), float(y)) for x, y in pts),
+        points=tuple((_float(x), _float(y)) for x, y in pts),
         point_labels=tuple(int(l) for l in labels),
     )
 

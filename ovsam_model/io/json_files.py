@@ -10,15 +10,16 @@ from ovsam_model.io.detections import InputError
 
 
 def read_text(path: Union[str, Path], name: str) -> str:
-    """The file's text (UTF-8); `name` is how messages call it (e.g. "--ann x.json"). `path`: a
-    local path, or a URI that fsspec reads (`ovsam_model.io.uris`)."""
+    """The file's text (UTF-8, without the byte-order mark Windows tools write); `name` is how
+    messages call it (e.g. "--ann x.json"). `path`: a local path, or a URI that fsspec reads
+    (`ovsam_model.io.uris`)."""
     from ovsam_model.io.uris import location, read_bytes
 
     where = location(path)
     try:
         if isinstance(where, str):
-            return read_bytes(where).decode("utf-8")
-        return where.read_text(encoding="utf-8")
+            return read_bytes(where).decode("utf-8-sig")
+        return where.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{name}: file not found") from None
     except IsADirectoryError:
@@ -32,6 +33,8 @@ def parse_json(text: str, name: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{name}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:  # arrays nested thousands deep: json's decoder recurses
+        raise InputError(f"{name}: JSON nested too deeply to read") from None
 
 
 def read_json(path: Union[str, Path], name: str) -> Any:

@@ -74,7 +74,7 @@ def load_image(record: ImageRecord, prepare: Callable[[np.ndarray], PreparedImag
     except ImageSizeMismatch as exc:
         return LoadedImage(record, None, str(exc), SkipReason.IMAGE_SIZE_MISMATCH)
     except FloatImageError as exc:
-        return LoadedImage(record, None, str(exc), SkipReason.IMAGE_UNREADABLE)
+        return LoadedImage(record, None, str(exc), SkipReason.IMAGE_FLOAT)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         return LoadedImage(record, None, f"cannot decode ({exc})", SkipReason.IMAGE_UNREADABLE)
     return LoadedImage(record, prepare(decoded.array), orientation=decoded.orientation, exif_applied=decoded.exif_applied)

@@ -11,13 +11,14 @@ Inputs are read and checked before the model is built, so a bad file fails in a 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from ovsam_model.io.datasets import ImageSource, load_image_source
 from ovsam_model.io.detections import InputError
-from ovsam_model.io.uris import local_output
+from ovsam_model.io.uris import local_output, location
 
 from .engine import LabelEvents, Labeler, LabelSummary
 from .formats import OutputFormat
@@ -157,6 +158,18 @@ def check_inputs(images: Union[PathLike, ImageSource], source: PromptSource, *, 
     return image_source
 
 
+def check_out_not_input(out: PathLike, inputs: Mapping[str, Any]) -> None:
+    """Refuse an `out` that is one of the run's input files ({option name: what was given}):
+    the finished output would replace the detections or the dataset it was made from."""
+    for name, given in inputs.items():
+        if not isinstance(given, (str, Path)) or str(given) == "-":
+            continue
+        at = location(given)
+        if isinstance(at, Path) and at.is_file() and Path(out).is_file() and os.path.samefile(at, out):
+            raise InputError(f"{out} is the {name} input file: the output would overwrite it; "
+                             f"write the output elsewhere")
+
+
 def open_labeler(
     images: Union[PathLike, ImageSource],
     *,
@@ -234,6 +247,8 @@ def label_images(
     `ray="auto"` on the cluster of this machine: the same bytes)."""
     if out is not None:
         out = local_output(out)  # a URI is refused in one line: outputs are local files
+        check_out_not_input(out, {"boxes=": labeler_options.get("boxes"), "points=": labeler_options.get("points"),
+                                  "ann=": labeler_options.get("ann")})
         check_not_running(out, rank, world)
     labeler = open_labeler(images, **labeler_options)
     return labeler.run(None if out is None else Path(out), fmt, resume=resume, rank=rank, world=world)

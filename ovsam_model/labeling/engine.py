@@ -196,9 +196,12 @@ class Labeler:
         part files made with the same fingerprint."""
         started = time.monotonic()
         sink = get_format(fmt) if isinstance(fmt, str) else fmt
+        check_out_target(None if out is None else local_output(out), sink)
         if out is None:
             if world > 1:
                 raise InputError("several ranks need an output file, not standard output")
+            if resume:
+                raise InputError("resume needs an output file (standard output cannot be resumed)")
             with tempfile.TemporaryDirectory(prefix="ovsam-label-") as tmp:
                 summary = self._run_into(Path(tmp) / "stdout.json", None, sink, False, 0, 1)
         else:
@@ -252,6 +255,15 @@ class Labeler:
     def merge(self, parts_at: Path, out: Optional[Path], sink: OutputFormat) -> int:
         """Stream every finished image of this run into `sink` (see `merge_parts`)."""
         return merge_parts(parts_at, self.fingerprint, self.image_ids, out, sink, self.categories)
+
+
+def check_out_target(out: Optional[Path], sink: OutputFormat) -> None:
+    """Refuse (InputError, one line) an `out` that `sink` cannot write (e.g. a folder for a
+    one-file format), before any image is labeled rather than at the final rename."""
+    try:
+        sink.check_out(out)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def label_loaded(predictor: Any, source: PromptSource, prompts: PromptSet, batch: Sequence[Any], *,

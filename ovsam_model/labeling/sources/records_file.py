@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
-from ovsam_model.io.detections import PromptSet, RawRecord, read_box_records, read_point_records, select_prompts
+from ovsam_model.io.detections import (InputError, PromptSet, RawRecord, read_box_records, read_point_records,
+                                       select_prompts)
 
 from .base import PromptSource, SourceContext
 
@@ -20,6 +23,8 @@ class _RecordSource(PromptSource):
     reader: Callable[..., list[RawRecord]]
 
     def __init__(self, records: Records, *, score_thr: float = 0.0, max_dets: int = 300) -> None:
+        if math.isnan(score_thr):  # every comparison with NaN is False: it would filter nothing
+            raise InputError("--score-thr (score_thr=) must be a number, not nan")
         self.records = records
         self.score_thr = score_thr
         self.max_dets = max_dets
@@ -34,9 +39,21 @@ class _RecordSource(PromptSource):
         if isinstance(self.records, (str, Path)):
             self._raw = read(self.records, require_category=require_category, strict=strict)
         else:
-            text = json.dumps(list(self.records))
+            text = json.dumps(self._record_list(), default=_plain)
             self._raw = read("-", stdin=io.StringIO(text), require_category=require_category, strict=strict)
         return {r.image_id for r in self._raw if r.problem is None}
+
+    def _record_list(self) -> list:
+        """The records given in Python, as a list; a single dict or a non-iterable is a one-line
+        InputError (iterating a dict would read its keys as records)."""
+        what = f"{self.option}="
+        if isinstance(self.records, Mapping):
+            raise InputError(f"{what} is a single dict: give a list of records, e.g. [{{...}}]")
+        if isinstance(self.records, (bytes, bytearray)) or not isinstance(self.records, Iterable):
+            raise InputError(f"{what} must be a file path, '-' (stdin) or a list of record dicts, "
+                             f"not {type(self.records).__name__}")
+        self.records = list(self.records)  # a generator is read once, though `read` may run again
+        return self.records
 
     def load(self, ctx: SourceContext) -> PromptSet:
         self.read(strict=ctx.strict, require_category=ctx.require_category)
@@ -53,6 +70,14 @@ class _RecordSource(PromptSource):
     def describe(self) -> str:
         where = self.records if isinstance(self.records, (str, Path)) else "records given in Python"
         return f"--{self.option} {where}"
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the numpy / torch values detector code hands over (np.float32 scores, an
+    np.ndarray bbox, a tensor): their plain Python numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 class BoxSource(_RecordSource):
