@@ -218,6 +218,8 @@ def eval_command(
     with user_errors(also=(ValueError,)):  # the cheap checks, before torch is imported
         if not ann.is_file():
             raise CliError(f"ground-truth file not found: {ann}")
+        if json_out not in (None, "-") and Path(json_out).is_dir():  # found now, not after the evaluation
+            raise CliError(f"--json {json_out} is a folder; give a file name (or '-' for stdout)")
         names = [m.strip() for m in (model or "").split(",") if m.strip()]
         if protocol in (Protocol.detector, Protocol.proposals):
             if pred is None:

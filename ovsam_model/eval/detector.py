@@ -59,7 +59,8 @@ def load_predictions(
     `annotations` is accepted too. Every record must have the `required` fields."""
     data = predictions if isinstance(predictions, Sequence) and not isinstance(predictions, (str, bytes)) \
         else _read_json_or_lines(predictions)
-    if isinstance(data, Mapping) and isinstance(data.get("annotations"), list):
+    dataset = isinstance(data, Mapping) and isinstance(data.get("annotations"), list)
+    if dataset:
         data = data["annotations"]
     if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
         raise ValueError("predictions must be a JSON array of COCO results")
@@ -68,8 +69,24 @@ def load_predictions(
             raise ValueError(f"prediction #{i} is not an object")
         missing = [k for k in required if k not in p]
         if missing:
-            raise ValueError(f"prediction #{i} lacks {', '.join(missing)}")
+            hint = " (a dataset JSON: its annotations have no scores; give a results file)" if dataset else ""
+            raise ValueError(f"prediction #{i} lacks {', '.join(missing)}{hint}")
+        _check_field_types(p, i, required)
     return list(data)  # type: ignore[arg-type]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_field_types(p: Mapping[str, Any], i: int, required: Sequence[str]) -> None:
+    """ValueError naming the record when a required id is not an integer or the score not a finite
+    number (pycocotools would fail deep inside, or rank a NaN score anywhere)."""
+    for key in ("image_id", "category_id"):
+        if key in required and not (_is_number(p[key]) and float(p[key]).is_integer()):
+            raise ValueError(f"prediction #{i}: '{key}' must be an integer, not {p[key]!r}")
+    if "score" in required and not (_is_number(p["score"]) and np.isfinite(p["score"])):
+        raise ValueError(f"prediction #{i}: 'score' must be a finite number, not {p['score']!r}")
 
 
 def _read_json_or_lines(path: str | os.PathLike) -> Any:
@@ -80,7 +97,7 @@ def _read_json_or_lines(path: str | os.PathLike) -> Any:
         if "Extra data" not in str(whole_error):
             raise
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     try:
@@ -91,7 +108,8 @@ def _read_json_or_lines(path: str | os.PathLike) -> Any:
 
 
 def _first_few(values: Iterable[Any], n: int = 5) -> str:
-    vals = sorted(set(values), key=str)
+    """The first `n` distinct values in order (numbers numerically: #2 before #10), then how many more."""
+    vals = sorted(set(values), key=lambda v: (0, v, "") if _is_number(v) else (1, 0, str(v)))
     shown = ", ".join(str(v) for v in vals[:n])
     return shown + (f" (and {len(vals) - n} more)" if len(vals) > n else "")
 
@@ -129,21 +147,46 @@ def prepare_predictions(
             "(use --iou-type bbox for box-only results)"
         )
     wrong_size = []
-    for p in out:
+    for i, p in enumerate(out):
         p.pop("bbox", None)  # so loadRes takes the area from the mask
         h, w = sizes[p["image_id"]]
-        seg = p["segmentation"]
-        if isinstance(seg, list) or isinstance(seg.get("counts"), list):  # polygons / uncompressed RLE
-            rles = mask_utils.frPyObjects(seg, h, w)
-            seg = mask_utils.merge(rles) if isinstance(rles, list) else rles
-        if isinstance(seg["counts"], bytes):
-            seg = {"size": seg["size"], "counts": seg["counts"].decode("ascii")}
+        seg = _compressed_rle(p["segmentation"], h, w, i)
         if [int(v) for v in seg["size"]] != [h, w]:
             wrong_size.append(p["image_id"])
         p["segmentation"] = seg
     if wrong_size:
         raise ValueError(f"mask size differs from the ground-truth image size for image ids {_first_few(wrong_size)}")
     return out
+
+
+def _compressed_rle(seg: Any, h: int, w: int, i: int) -> dict[str, Any]:
+    """Prediction #i's segmentation (polygons, uncompressed or compressed RLE) as a compressed RLE
+    with str counts; ValueError naming the record when it is none of these."""
+    bad = ValueError(f"prediction #{i}: 'segmentation' is neither polygons [[x, y, ...], ...] nor an RLE "
+                     "{size: [h, w], counts}")
+    if isinstance(seg, list):
+        if not all(isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(map(_is_number, poly))
+                   for poly in seg):
+            raise bad
+        rles = mask_utils.frPyObjects(seg, h, w)
+        return _str_counts(mask_utils.merge(rles))
+    if not isinstance(seg, Mapping):
+        raise bad
+    size, counts = seg.get("size"), seg.get("counts")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_number(v) for v in size)):
+        raise bad
+    if isinstance(counts, list):  # uncompressed RLE
+        if not all(_is_number(c) for c in counts):
+            raise bad
+        return _str_counts(mask_utils.frPyObjects(dict(seg), h, w))
+    if not isinstance(counts, (str, bytes)):
+        raise bad
+    return _str_counts({"size": list(size), "counts": counts})
+
+
+def _str_counts(rle: Mapping[str, Any]) -> dict[str, Any]:
+    counts = rle["counts"]
+    return {"size": list(rle["size"]), "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
 def _summarize_ap(
@@ -235,6 +278,15 @@ def _check_lvis_fields(gt: Mapping[str, Any]) -> None:
         )
 
 
+def _check_coco_fields(gt: Mapping[str, Any]) -> None:
+    """COCOeval reads `iscrowd` of every GT annotation; LVIS files have none."""
+    lacking = [i for i, a in enumerate(gt["annotations"]) if not isinstance(a, Mapping) or "iscrowd" not in a]
+    if lacking:
+        lvis = any(isinstance(c, Mapping) and "frequency" in c for c in gt["categories"])
+        raise ValueError(f"COCO ground truth: annotations need 'iscrowd'; missing in #{_first_few(lacking)}"
+                         + (" (an LVIS file: use --dataset lvis)" if lvis else ""))
+
+
 @contextlib.contextmanager
 def lvis_numpy_compat():
     """Let lvis 0.5.3 (the latest on PyPI) run on numpy >= 1.24.
@@ -304,6 +356,7 @@ def evaluate_detections(
         notes.append(f"LVISEval, at most {LVIS_MAX_DETS} detections per image; novel = rare (APr)")
         num_cats = len(ev.params.cat_ids)
     else:
+        _check_coco_fields(gt_data)
         ev = run_coco_eval(gt_data, prepared, iou_type)
         cat_index = {c: k for k, c in enumerate(ev.params.catIds)}
         notes.append("pycocotools COCOeval, at most 100 detections per image and category")
@@ -322,7 +375,7 @@ def evaluate_detections(
         else:
             metrics = _coco_metrics(ev, range(len(ev.params.catIds)))
             num_cats = len(ev.params.catIds)
-    notes.append("-1 = undefined (no ground truth in that group)")
+    notes.append("n/a (-1 in --json) = undefined (no ground truth in that group)")
     return DetectorResult(
         dataset=dataset,
         iou_type=iou_type,

@@ -89,7 +89,7 @@ def evaluate_proposals(
         f"ARs/ARm/ARl at {top}",
         f"{num_instances} non-crowd ground-truth instances on {len(gt_data['images'])} images "
         "(crowd regions are ignored)",
-        "-1 = undefined (no ground truth in that area range)",
+        "n/a (-1 in --json) = undefined (no ground truth in that area range)",
     ]
     if iou_type == "segm":
         notes.insert(1, "areas of the proposals come from their masks (bbox dropped)")

@@ -141,7 +141,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {p}")
     try:
-        with p.open("r", encoding="utf-8") as f:
+        with p.open("r", encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not an error
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {p} is not valid JSON: {e}") from None

@@ -24,6 +24,7 @@ naming the file, the record and what is missing. No torch is imported.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,6 +279,12 @@ def to_rle(segmentation: Any, height: int, width: int) -> dict:
     return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
+def _is_box(value: Any) -> bool:
+    """[x, y, w, h] of finite numbers (what the box formats and the review pages read)."""
+    return isinstance(value, list) and len(value) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
 def _normalised(rec: dict, image: ImageInfo, where: str, name: str) -> dict:
     from pycocotools import mask as mask_utils
 
@@ -287,7 +294,10 @@ def _normalised(rec: dict, image: ImageInfo, where: str, name: str) -> dict:
         raise InputError(f"{name}: {where} (image {image['id']}): bad segmentation: {exc}") from None
     out = {k: v for k, v in rec.items() if k not in _DROPPED_FIELDS}
     out["segmentation"] = rle
-    if "bbox" not in out:
+    if out.get("bbox") is not None and not _is_box(out["bbox"]):
+        raise InputError(f"{name}: {where} (image {image['id']}): 'bbox' must be [x, y, width, height] numbers, "
+                         f"not {json.dumps(out['bbox'])[:80]}")
+    if out.get("bbox") is None:
         out["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
     if "area" not in out:
         out["area"] = int(mask_utils.area(rle))

@@ -67,13 +67,16 @@ JS = r"""
     var n = parseFloat(value);
     return isFinite(n) ? n : fallback;
   }
+  function decode(text) {  // a hand-edited link may hold a lone "%": keep it as typed, not a URIError
+    try { return decodeURIComponent(text); } catch (e) { return text; }
+  }
   function readFilter() {
     var f = {cls: null, min: -Infinity, max: Infinity, sort: "order", status: "", close: false, raw: {}};
     location.hash.replace(/^#/, "").split("&").forEach(function (pair) {
       if (!pair) return;
       var i = pair.indexOf("=");
-      var key = decodeURIComponent(i < 0 ? pair : pair.slice(0, i));
-      var value = i < 0 ? "" : decodeURIComponent(pair.slice(i + 1).replace(/\+/g, " "));
+      var key = decode(i < 0 ? pair : pair.slice(0, i));
+      var value = i < 0 ? "" : decode(pair.slice(i + 1).replace(/\+/g, " "));
       f.raw[key] = value;
       if (key === "class") f.cls = classId(value);
       else if (key === "min") f.min = number(value, -Infinity);

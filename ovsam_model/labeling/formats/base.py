@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, ClassVar, Optional, Sequence
 
@@ -81,12 +82,17 @@ class OutputFormat(abc.ABC):
 
 class JsonFileFormat(OutputFormat):
     """A format that is one JSON document, streamed piece by piece into a temp file next to `out`
-    (renamed onto it by `end`) or onto standard output."""
+    (renamed onto it by `end`), or into an unnamed temp file that `end` copies to standard output."""
+
+    def check_out(self, out: Optional[Path]) -> None:
+        if out is not None and Path(out).is_dir():
+            raise ValueError(f"--out {out} is a folder; format {self.name} writes one file")
 
     def begin(self, out: Optional[Path], categories: Sequence[dict]) -> None:
         self._target = contextlib.ExitStack()  # holds `atomic_path` open until end() / abort()
-        if out is None:
-            self._stream: IO[str] = sys.stdout
+        self._to_stdout = out is None
+        if out is None:  # spooled, copied to stdout by end(): a failed run prints no half document
+            self._stream: IO[str] = self._target.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
         else:
             tmp = self._target.enter_context(atomic_path(out))
             self._stream = self._target.enter_context(open(tmp, "w", encoding="utf-8"))
@@ -111,6 +117,10 @@ class JsonFileFormat(OutputFormat):
         self.close_document()
         self._stream.write("\n")
         self._stream.flush()
+        if self._to_stdout:
+            self._stream.seek(0)
+            shutil.copyfileobj(self._stream, sys.stdout)
+            sys.stdout.flush()
         self._target.close()  # closes the temp file, fsyncs it and renames it onto `out`
         return self.count
 
