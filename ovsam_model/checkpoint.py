@@ -7,6 +7,7 @@ in the released file (`fpn_neck.fpn_convs.3.conv.bias`), whatever the local modu
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
@@ -23,6 +24,25 @@ Payload = Union[StateDict, torch.Tensor]
 
 class CheckpointError(Exception):
     """A weight file that cannot be read or does not fit its target modules."""
+
+
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|$)", re.S)
+
+
+def load_failure_reason(error: BaseException) -> str:
+    """Why `torch.load(..., weights_only=True)` failed, in one line.
+
+    torch's refusal starts with advice to retry with weights_only=False: wrong for a corrupt or
+    truncated file, and unsafe for an untrusted one. It is replaced by what the refusal means,
+    with the unpickler's own reason."""
+    text = str(error).strip()
+    if _WEIGHTS_ONLY_REFUSAL in text:
+        found = _UNPICKLER_REASON.search(text)
+        detail = found.group(1).splitlines()[0].strip() if found else ""
+        return ("not a plain weight file: corrupt, truncated, or holding objects other than tensors"
+                + (f" ({detail})" if detail else ""))
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_checkpoint(path: str | Path) -> Payload:
@@ -43,8 +63,7 @@ def read_checkpoint(path: str | Path) -> Payload:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # unpickling / zip / safetensors errors have many types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path.name}: cannot read weight file ({reason})") from e
+        raise CheckpointError(f"{path.name}: cannot read weight file ({load_failure_reason(e)})") from e
     if isinstance(obj, torch.Tensor):
         return obj
     if not isinstance(obj, Mapping):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import abc
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from ..atomic import torch_save_atomic
 from ..runtime import DistEnv, autocast_context
-from .run_log import MetricsLog, RunFolderBusy, claim_run_folder
+from .run_log import CONFIG, METRICS, MetricsLog, RunFolderBusy, claim_run_folder
 
 
 class TrainingInterrupted(Exception):
@@ -33,6 +35,51 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted at iteration {step}; saved {checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
+
+
+class CtrlCGuard:
+    """Ctrl-C (SIGINT) while training: `KeyboardInterrupt` at once, except between `hold()` and
+    `release()` (an optimizer step until its log record exists), where it is raised at `release()`.
+    A step cut halfway (parameters updated but not the step counter or the scheduler) would be
+    saved in last.pth and silently redone on --resume. Only the main thread installs a handler,
+    and not where SIGINT is ignored (a background job of a script) nor when not `enabled`;
+    elsewhere, and outside the `with` block, it changes nothing."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.holding = False
+        self.pending = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "CtrlCGuard":
+        main = threading.current_thread() is threading.main_thread()
+        if self.enabled and main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+        self.holding = self.pending = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.holding:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        """End the hold; raise the Ctrl-C that came during it, if any."""
+        self.holding = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def rng_state() -> dict:
@@ -167,9 +214,10 @@ def read_resume_state(path: Path, current_config: dict) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle refusals and corrupt files alike
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from ..checkpoint import load_failure_reason
+
         raise ResumeError(f"--resume: {path} is not a training state this version can load safely "
-                          f"({reason[:160]})") from None
+                          f"({load_failure_reason(e)[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ResumeError(f"--resume: {path} was written by another version of ovsam (state format "
                           f"{state.get('format', 1) if isinstance(state, dict) else '?'}, this one reads "
@@ -178,6 +226,21 @@ def read_resume_state(path: Path, current_config: dict) -> dict:
     if differences:
         raise ResumeError(f"--resume: {path} was made with other options: {'; '.join(differences)}")
     return state
+
+
+def remove_stale_temps(out: Path, names: tuple[Optional[str], ...]) -> list[Path]:
+    """Remove the temp files (`atomic_path`'s `.NAME.XXXX.tmp`) of `names` that a killed run left
+    in `out`: each is as large as the checkpoint it was to replace, and nothing ever reads it.
+    Call only while holding the folder lock (no other run writes there). Returns those removed."""
+    removed = []
+    for name in filter(None, names):
+        for tmp in Path(out).glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:  # not ours to fix; it is only wasted space
+                pass
+    return removed
 
 
 @dataclass(frozen=True)
@@ -218,6 +281,8 @@ def started_run(cfg: Any, trainer: type[ResumableTrainer], error: type[Exception
         folder_lock = claim_run_folder(out) if rank == 0 else None
     except RunFolderBusy as e:
         raise error(str(e)) from None
+    if folder_lock is not None:
+        remove_stale_temps(out, (trainer.last_name, getattr(trainer, "official_name", None), METRICS, CONFIG))
     try:
         yield StartedRun(rank, world, cfg.batch_size // world, out, last_path, state)
     finally:
@@ -254,6 +319,9 @@ class ResumableTrainer(abc.ABC):
             self.wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=ids)
         self.step = 0
         self.extra: dict[str, Any] = {}  # plain figures kept in last.pth (e.g. eval references)
+        # installed by `fit`; one process only: under torchrun a held rank would wait in the next
+        # all-reduce for ranks that already stopped, instead of saving
+        self.ctrl_c = CtrlCGuard(enabled=world == 1)
 
     def autocast(self):
         """bf16 autocast on CUDA when `cfg.amp` (the losses are computed in float32)."""
@@ -266,6 +334,7 @@ class ResumableTrainer(abc.ABC):
         loss.backward()
         limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), limit)
+        self.ctrl_c.hold()  # released by `fit` once this step's record exists
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -349,59 +418,68 @@ class ResumableTrainer(abc.ABC):
         """Train from `self.step` to `self.total`: one metrics record per step (loss terms,
         lr, grad_norm, images/s; `eval` every `cfg.eval_every` steps and at the end, and at step
         0 before training), `last.pth` every `cfg.save_every` steps and at the end. Ctrl-C saves
-        and raises `self.interrupted`. Returns this run's records (rank 0's view)."""
+        and raises `self.interrupted`; an optimizer step is never cut halfway (`CtrlCGuard`), nor
+        is the final save skipped. Returns this run's records (rank 0's view)."""
         log = log or MetricsLog(Path(self.cfg.out), enabled=False)
-        eval_every = int(getattr(self.cfg, "eval_every", 0) or 0)
         records: list[dict[str, float]] = []
-        pending: Optional[dict] = None
+        self._unlogged: Optional[dict] = None  # a step's record until it is in the log
         bar = tqdm(total=self.total, initial=self.step, desc=desc, unit="it", file=sys.stderr,
                    disable=not progress or self.rank != 0, dynamic_ncols=True)
         try:
-            if self.step == 0 and not self.extra.get("step0_evaluated"):  # same answer on every rank
-                figures = self.evaluate()
-                if figures is not None:
-                    log.write({"step": 0, "epoch": 0, "eval": figures})
-                self.extra["step0_evaluated"] = True
-            tick = time.perf_counter()
-            while self.step < self.total:
-                epoch = self.step // self.ipe
-                sampler.set_epoch(epoch)
-                if hasattr(dataset, "set_epoch"):
-                    dataset.set_epoch(epoch)
-                order = list(sampler)[(self.step - epoch * self.ipe) * per_rank:]
-                loader = DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=self.cfg.workers,
-                                    collate_fn=collate_fn, pin_memory=self.device.type == "cuda", drop_last=False)
-                for batch in loader:
-                    lr = self.scheduler.get_last_lr()[0]
-                    terms = self.train_step(batch)
-                    norm = terms.pop("grad_norm")
-                    terms, images = self._global_terms(terms, self.batch_size_of(batch))
-                    now = time.perf_counter()
-                    pending = {"step": self.step, "epoch": (self.step - 1) // self.ipe, **terms, "lr": lr,
-                               "grad_norm": norm, "images_per_s": images / max(now - tick, 1e-9)}
-                    bar.update(1)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()} | {"lr": f"{lr:.3g}", "epoch": epoch})
-                    if (eval_every > 0 and self.step % eval_every == 0) or self.step == self.total:
-                        figures = self.evaluate()
-                        if figures is not None:
-                            pending["eval"] = figures
-                    log.write(pending)
-                    records.append(pending)
-                    pending = None
-                    if self.cfg.save_every > 0 and self.step % self.cfg.save_every == 0 and self.step < self.total:
-                        self.save()
-                    tick = time.perf_counter()
-                    if self.step >= self.total:
-                        break
+            with self.ctrl_c:
+                self._train_loop(dataset, sampler, per_rank, collate_fn, log, records, bar)
+                self.save()  # inside the `try`: Ctrl-C during the final save still leaves last.pth
         except KeyboardInterrupt:
             bar.close()
-            if pending is not None:  # interrupted in the eval after a step: log the step without it
-                log.write(pending)
+            if self._unlogged is not None:  # interrupted in the eval after a step: log the step without it
+                log.write(self._unlogged)
             last, _ = self.save()
             log.close()
             raise self.interrupted(self.step, last) from None
         bar.close()
-        self.save()
         log.close()
         barrier(self.world)
         return records
+
+    def _train_loop(self, dataset: Any, sampler: Any, per_rank: int, collate_fn: Optional[Callable],
+                    log: MetricsLog, records: list[dict[str, float]], bar: tqdm) -> None:
+        """`fit`'s loop: the step-0 eval, then the steps up to `self.total` (without the final save)."""
+        eval_every = int(getattr(self.cfg, "eval_every", 0) or 0)
+        if self.step == 0 and not self.extra.get("step0_evaluated"):  # same answer on every rank
+            figures = self.evaluate()
+            if figures is not None:
+                log.write({"step": 0, "epoch": 0, "eval": figures})
+            self.extra["step0_evaluated"] = True
+        tick = time.perf_counter()
+        while self.step < self.total:
+            epoch = self.step // self.ipe
+            sampler.set_epoch(epoch)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            order = list(sampler)[(self.step - epoch * self.ipe) * per_rank:]
+            loader = DataLoader(dataset, batch_size=per_rank, sampler=order, num_workers=self.cfg.workers,
+                                collate_fn=collate_fn, pin_memory=self.device.type == "cuda", drop_last=False)
+            for batch in loader:
+                lr = self.scheduler.get_last_lr()[0]
+                terms = self.train_step(batch)
+                norm = terms.pop("grad_norm")
+                terms, images = self._global_terms(terms, self.batch_size_of(batch))
+                now = time.perf_counter()
+                pending = {"step": self.step, "epoch": (self.step - 1) // self.ipe, **terms, "lr": lr,
+                           "grad_norm": norm, "images_per_s": images / max(now - tick, 1e-9)}
+                self._unlogged = pending
+                self.ctrl_c.release()  # held since the optimizer step: a Ctrl-C then is raised now
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()} | {"lr": f"{lr:.3g}", "epoch": epoch})
+                if (eval_every > 0 and self.step % eval_every == 0) or self.step == self.total:
+                    figures = self.evaluate()
+                    if figures is not None:
+                        pending["eval"] = figures
+                log.write(pending)
+                records.append(pending)
+                self._unlogged = None
+                if self.cfg.save_every > 0 and self.step % self.cfg.save_every == 0 and self.step < self.total:
+                    self.save()
+                tick = time.perf_counter()
+                if self.step >= self.total:
+                    break

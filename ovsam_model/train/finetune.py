@@ -213,6 +213,25 @@ def point_seed(seed: int, step: int, index: int, kind: int) -> int:
     return int(np.random.SeedSequence([seed, step, index, kind]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _check_val_images(gt: dict, ann: Path, images: Path) -> None:
+    """`FinetuneError` when an image the evaluation will read (one with a non-crowd instance) is
+    missing: found before the run starts, not at its first evaluation. Every rank checks every
+    image, so that all of them stop."""
+    from ..eval.prompt import image_path
+
+    used = {int(a["image_id"]) for a in gt["annotations"] if not a.get("iscrowd", 0)}
+    missing = []
+    for im in gt["images"]:
+        if int(im["id"]) in used:
+            try:
+                image_path(images, im)
+            except (OSError, ValueError):
+                missing.append(str(im.get("file_name") or im.get("coco_url") or im.get("id")))
+    if missing:
+        raise FinetuneError(f"--val-ann {ann}: {len(missing)} annotated image(s) missing under {images}, "
+                            f"e.g. {missing[0]} (their folder is --val-images, default --images)")
+
+
 class PromptValidation:
     """The prompt protocol of `ovsam eval` (GT box per instance; mIoU and top-1 accuracy, base
     and novel) on a held-out set, run on the model being trained: the same predictor settings
@@ -226,6 +245,7 @@ class PromptValidation:
         self.model, self.spec, self.images, self.dataset = model, spec, Path(images), dataset
         self.device, self.cache_dir, self.world = device, cache_dir, world
         gt = load_ground_truth(ann)
+        _check_val_images(gt, Path(ann), self.images)
         ids = sorted(int(im["id"]) for im in gt["images"])[rank::world]
         mine = set(ids)
         self.gt = {**gt, "images": [im for im in gt["images"] if int(im["id"]) in mine],

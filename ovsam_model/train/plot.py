@@ -161,7 +161,9 @@ def _series_order(runs: Sequence[RunCurves], panel: str) -> list[str]:
     return list(names)
 
 
-_LINESTYLES = ("-", "--", ":", "-.")
+# one per series of a panel when several runs share it (the colour is the run's): a distill run
+# and a finetune run give five loss series (loss, mse, ce, bce, dice), so four would repeat one
+_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (1, 4)), (0, (3, 1, 1, 1, 1, 1, 1, 1)))
 
 
 def build_figure(run_dirs: Sequence[Path], title: str | None = None) -> "Figure":
