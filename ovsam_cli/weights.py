@@ -129,6 +129,9 @@ def download(
     """
     with user_errors():
         spec = _spec(model, sam_variant)
+    if not spec.files and not spec.clip_pretrained:
+        info(f"{spec.name} has random weights: there is nothing to download", quiet)
+        return
     if W.is_offline(offline_flag(offline)):
         fail(f"cannot download {spec.name} in offline mode (--offline, OVSAM_OFFLINE=1 or HF_HUB_OFFLINE=1 is set)")
     cache = W.resolve_cache_dir(cache_dir)
@@ -180,7 +183,9 @@ def _verify_clip(spec: ModelSpec, model: nn.Module, path: Path) -> None:
         except Exception:
             problem = None
         if problem is None:
-            problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            from ovsam_model.checkpoint import load_failure_reason
+
+            problem = load_failure_reason(e)
         raise CheckpointError(f"{where}: {problem}") from e
 
 
@@ -211,6 +216,8 @@ def verify(
     """
     with user_errors():
         spec = _spec(model, sam_variant)
+    if not spec.files and not spec.clip_pretrained:
+        fail(f"{spec.name} has random weights: there is no weight file to verify")
     found = {wf.component: _find(wf, weights_dir) for wf in spec.files}
     if not any(found.values()) and clip_weights is None:
         names = ", ".join(wf.filename for wf in spec.files) or "none"

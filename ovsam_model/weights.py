@@ -286,9 +286,12 @@ def resolve_weights(spec: ModelSpec, *, cache_dir: str | Path | None = None, off
                            f"(components: {', '.join(dict.fromkeys(known)) or 'none'})")
     wanted = set([wf.component for wf in fetched] if components is None else components) | set(overrides)
     wanted -= {wf.component for wf in spec.user_files} - set(overrides)
+    # the user's files first: a mistyped --checkpoint path is named before any download or
+    # offline cache miss of another component
+    given = {wf.component: fetch_file(wf, override=overrides[wf.component]) for wf in files if wf.component in overrides}
     return {
-        wf.component: fetch_file(wf, cache_dir=cache_dir, offline=offline, override=overrides.get(wf.component),
-                                 progress=progress, model=spec.name)
+        wf.component: given.get(wf.component) or fetch_file(wf, cache_dir=cache_dir, offline=offline,
+                                                            progress=progress, model=spec.name)
         for wf in files if wf.component in wanted
     }
 
@@ -349,6 +352,8 @@ def resolve_model_weights(
     would download on every process of a torchrun job.
     Raises `WeightsError` (one line) for a missing, unreachable or corrupt file.
     """
+    if clip_weights is not None:
+        _user_clip_file(clip_weights)  # a mistyped path is named before any download
     paths = resolve_weights(spec, cache_dir=cache_dir, offline=offline, overrides=overrides, components=components,
                             progress=progress, extra_files=extra_files)
     clip_arg = clip_pretrained_arg(spec, clip_weights, offline, cache_dir)
@@ -424,6 +429,14 @@ def cached_clip_file(spec: ModelSpec, cache_dir: str | Path | None = None) -> Op
     return None
 
 
+def _user_clip_file(clip_weights: str | Path) -> Path:
+    """The `--clip-weights` file; `WeightsError` when there is none."""
+    path = Path(clip_weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"--clip-weights {path}: no such file")
+    return path
+
+
 def clip_pretrained_arg(spec: ModelSpec, clip_weights: str | Path | None = None, offline: bool | None = None,
                         cache_dir: str | Path | None = None) -> Optional[str]:
     """What to pass as `open_clip.create_model(..., pretrained=...)`.
@@ -435,10 +448,7 @@ def clip_pretrained_arg(spec: ModelSpec, clip_weights: str | Path | None = None,
     applies the tag's QuickGELU setting when given the tag.
     """
     if clip_weights is not None:
-        path = Path(clip_weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"--clip-weights {path}: no such file")
-        return str(path)
+        return str(_user_clip_file(clip_weights))
     if not spec.clip_pretrained:
         return None
     hit = cached_clip_file(spec, cache_dir)

@@ -72,6 +72,9 @@ def test_download_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("OVSAM_OFFLINE", "1")
     res = runner.invoke(app, ["weights", "download", "ovsam-rn50x16-coco"])
     assert res.exit_code != 0 and "offline" in res.stderr
+    # a model of random weights has nothing to fetch: not an offline failure
+    res = runner.invoke(app, ["weights", "download", "tiny"])
+    assert res.exit_code == 0 and res.stdout == "" and "nothing to download" in res.stderr
 
 
 @pytest.mark.parametrize("args", [["weights", "download", "no-such-model"],
@@ -221,6 +224,8 @@ def test_verify_empty_dir_and_bad_dir(tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["weights", "verify", "--model", "nope", "--weights-dir", str(tmp_path)])
     assert res.exit_code == 2 and "nope" in res.output
+    res = runner.invoke(app, ["weights", "verify", "--model", "tiny", "--weights-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "tiny has random weights: there is no weight file to verify" in res.stderr
 
 
 def test_verify_builds_the_model_itself(keys_dir, tmp_path):

@@ -210,6 +210,11 @@ def test_overrides(tmp_path, net):
         resolve_weights(spec, overrides={"clip2sam": tmp_path / "nope.pth"}, components=["clip2sam"])
     with pytest.raises(WeightsError, match="has no weight component 'fpn'"):
         resolve_weights(spec, overrides={"fpn": own})
+    # a mistyped path is named first, not an offline cache miss of a component listed before it
+    with pytest.raises(WeightsError, match="--checkpoint clip2sam=.*nope.pth: no such file"):
+        resolve_weights(spec, cache_dir=tmp_path / "c", offline=True, overrides={"clip2sam": tmp_path / "nope.pth"})
+    with pytest.raises(WeightsError, match="--clip-weights .*nope.bin: no such file"):
+        weights.resolve_model_weights(spec, cache_dir=tmp_path / "c", offline=True, clip_weights=tmp_path / "nope.bin")
 
 
 def test_resolve_all_components_in_load_order(tmp_path, monkeypatch):
@@ -416,3 +421,21 @@ def test_a_read_only_cache_is_read_without_a_lock(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", no_lock_files)
     assert fetch_file(wf_(), cache_dir=tmp_path, offline=True) == tmp_path / "clip2sam_coco_rn50x16.pth"
+
+
+@pytest.mark.parametrize("content", ["random bytes", "wrong keys"])
+def test_a_clip_weights_file_open_clip_cannot_load_is_one_checkpoint_error(tmp_path, content):
+    """A corrupt or foreign --clip-weights file: one line naming it, not open_clip's traceback."""
+    from ovsam_model.checkpoint import CheckpointError
+    from ovsam_model.config import ClipConfig
+    from ovsam_model.modeling.clip_trunk import ClipTrunk
+
+    bad = tmp_path / "clip.bin"
+    if content == "random bytes":
+        bad.write_bytes(bytes(range(256)) * 64)
+    else:
+        torch.save({"not.a.clip.key": torch.zeros(2)}, bad)
+    with pytest.raises(CheckpointError, match=r"^CLIP weights .*clip\.bin: cannot load them into open_clip's RN50 \(") \
+            as info:
+        ClipTrunk(ClipConfig(name="RN50"), pretrained=str(bad))
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)

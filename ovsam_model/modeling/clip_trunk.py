@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Iterator, Optional
 
@@ -82,6 +83,22 @@ def _clear_fast_state(module: "ClipTrunk", *args) -> None:
     module.clear_fast_cache()
 
 
+def _create_clip(name: str, pretrained: Optional[str], cache_dir: Optional[str], quick_gelu: bool) -> nn.Module:
+    """open_clip's model; a `pretrained` file that open_clip cannot load (corrupt, truncated, not
+    a CLIP state dict) is a one-line `CheckpointError` naming it, not open_clip's traceback."""
+    try:
+        with _quiet_random_init(pretrained is None):
+            return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir,
+                                          force_quick_gelu=quick_gelu)
+    except Exception as e:  # unpickling, zip, safetensors and key errors have many types
+        if pretrained is None or not os.path.isfile(pretrained):
+            raise
+        from ovsam_model.checkpoint import CheckpointError, load_failure_reason
+
+        raise CheckpointError(f"CLIP weights {pretrained}: cannot load them into open_clip's {name} "
+                              f"({load_failure_reason(e)})") from e
+
+
 class ClipTrunk(nn.Module):
     """open_clip CLIP, frozen (`lock`), exposing C2..C5 (strides 4/8/16/32) of its image tower.
 
@@ -106,9 +123,7 @@ class ClipTrunk(nn.Module):
             if isinstance(self.clip.visual, ModifiedResNet):
                 _signal_preserving_init(self.clip.visual)
         else:
-            with _quiet_random_init(pretrained is None):
-                self.clip = open_clip.create_model(cfg.name, pretrained=pretrained, cache_dir=cache_dir,
-                                                   force_quick_gelu=quick_gelu)
+            self.clip = _create_clip(cfg.name, pretrained, cache_dir, quick_gelu)
             self.tokenizer = open_clip.get_tokenizer(cfg.name)
         self.weights_tag = pretrained
         self.is_resnet = isinstance(self.clip.visual, ModifiedResNet)
