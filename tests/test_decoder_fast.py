@@ -232,9 +232,11 @@ def test_prompts_on_several_images_equal_one_call_per_image(setup, monkeypatch, 
         ref_prefix = torch.cat([p for _, p in per_image])
         for fast in (True, False):
             masks, prefix = _decode(head, fast, images[owner], pe, sparse, dense)
+            # fp32 rounding of another summation order (batched and plain): 1.0e-5 of the std on an
+            # Intel Xeon (AVX512), so the bound is the fp32 tolerance, 1e-4
             scale = ref.std().item()
-            assert (masks - ref).abs().max().item() <= 1e-5 * scale, fast
-            assert (prefix - ref_prefix).abs().max().item() <= 1e-5 * max(ref_prefix.abs().max().item(), 1.0)
+            assert (masks - ref).abs().max().item() <= 1e-4 * scale, fast
+            assert (prefix - ref_prefix).abs().max().item() <= 1e-4 * max(ref_prefix.abs().max().item(), 1.0)
     # the two images give different masks for the same box (a bug using one image would show)
     with torch.no_grad():
         other, _ = _decode(head, True, images[1:2], pe, sparse[:1], dense[:1])
