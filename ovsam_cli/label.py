@@ -275,6 +275,10 @@ def _stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
 def _check_out(out: Optional[str], resume: bool) -> Optional[str]:
     """--out FILE, '-' or nothing → the output path, or None for stdout (refused on a terminal:
     megabytes of JSON there help nobody)."""
@@ -418,6 +422,9 @@ def label(
                 raise CliError("give exactly one of --boxes, --points and --everything")
             if images is None:
                 raise CliError("--images DIR is required")
+            if "-" in (boxes, points) and _stdin_is_terminal():  # it would wait for typed JSON, silently
+                raise CliError(f"--{'boxes' if boxes == '-' else 'points'} - reads standard input, which is this "
+                               f"terminal: pipe the records in (detector ... | ovsam label ...) or give a file")
             from ovsam_model.io.uris import location
 
             images_at = location(images)  # a local Path, or a URI read through fsspec (imported only then)

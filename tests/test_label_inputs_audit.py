@@ -106,3 +106,17 @@ def test_a_nan_score_threshold_and_a_resume_without_an_output_file_are_refused(m
     with pytest.raises(InputError, match="resume needs an output file"):
         api_mod.label_images(root / "images", boxes=boxes[:2], ann=root / "instances.json", resume=True,
                              model="tiny", workers=0)
+
+
+def test_prompts_from_stdin_on_a_terminal_are_refused_not_waited_for(mini, tmp_path, monkeypatch):
+    import ovsam_cli.label as label_mod
+
+    root, gt, ids, boxes = mini
+    monkeypatch.setattr(label_mod, "_stdin_is_terminal", lambda: True)
+    for option in ("--boxes", "--points"):
+        r = run(option, "-", "--images", root / "images", "--out", tmp_path / "o.json")
+        assert r.exit_code == 2 and f"{option} - reads standard input, which is this terminal" in r.output
+    dets = tmp_path / "dets.json"  # a file is read as usual
+    dets.write_text(json.dumps(boxes[:1]))
+    r = run("--boxes", dets, "--images", root / "images", "--ann", root / "instances.json", "--out", tmp_path / "o.json")
+    assert r.exit_code == 0, r.output
