@@ -171,3 +171,14 @@ def test_plot_of_a_distill_and_a_finetune_run_gives_each_loss_series_its_own_lin
     legend = ax.get_legend()
     drawn = [_dashes(h) for h in legend.legend_handles]
     assert len(set(drawn)) == 5
+
+
+def test_resume_of_another_commands_state_says_so_not_every_option(tmp_path):
+    # finetune --resume on a distill folder listed some 20 options, most of them not the user's to change
+    last = tmp_path / "last.pth"
+    torch.save({"format": C.STATE_FORMAT, "config": {"teacher": "tiny", "lr": 1e-3, "min_lr_ratio": 0.01}}, last)
+    with pytest.raises(C.ResumeError, match=r"is the state of another kind of run \(it has --min-lr-ratio, this one "
+                                            r"has --ann\): resume it with the command that made it"):
+        C.read_resume_state(last, {"ann": "a.json", "lr": 1e-3, "gamma": 0.1})
+    with pytest.raises(C.ResumeError, match=r"made with other options: --lr 0\.001 \(now 0\.01\)$"):
+        C.read_resume_state(last, {"teacher": "tiny", "lr": 1e-2, "min_lr_ratio": 0.01})

@@ -222,7 +222,14 @@ def read_resume_state(path: Path, current_config: dict) -> dict:
         raise ResumeError(f"--resume: {path} was written by another version of ovsam (state format "
                           f"{state.get('format', 1) if isinstance(state, dict) else '?'}, this one reads "
                           f"{STATE_FORMAT}); start a new run")
-    differences = config_differences(state.get("config", {}), current_config)
+    saved = state.get("config", {})
+    only_saved = sorted(set(saved) - set(current_config) - RESUME_FREE)
+    only_now = sorted(set(current_config) - set(saved) - RESUME_FREE)
+    if only_saved and only_now:  # options of another command (distill vs finetune), not changed values
+        raise ResumeError(f"--resume: {path} is the state of another kind of run (it has {option_name(only_saved[0])}, "
+                          f"this one has {option_name(only_now[0])}): resume it with the command that made it, "
+                          f"or give another --out")
+    differences = config_differences(saved, current_config)
     if differences:
         raise ResumeError(f"--resume: {path} was made with other options: {'; '.join(differences)}")
     return state
