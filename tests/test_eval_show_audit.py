@@ -95,7 +95,8 @@ def test_eval_json_onto_a_folder_is_refused_before_evaluating(tmp_path, monkeypa
 
 @pytest.mark.parametrize("fmt", ["results", "dataset", "labelstudio"])
 def test_convert_json_format_onto_a_folder_names_out(tmp_path, fmt):
-    pytest.importorskip("label_studio_sdk") if fmt == "labelstudio" else None
+    if fmt == "labelstudio":
+        pytest.importorskip("label_studio_sdk")
     pred_path = tmp_path / "pred.json"
     pred_path.write_text(json.dumps(_records()))
     folder = tmp_path / "existing"
