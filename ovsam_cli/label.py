@@ -251,6 +251,17 @@ def _everything_settings(given: dict[str, Any]) -> Any:
     return settings
 
 
+def _check_prompt_file_options(given: dict[str, Any]) -> None:
+    """--score-thr and --max-dets filter a prompt file: with --everything they would be ignored
+    silently (a user who means to cap the masks wants --max-masks)."""
+    if not given["everything"]:
+        return
+    if given["score_thr"] != 0.0:
+        raise CliError("--score-thr applies to --boxes and --points only (--everything: --min-label-prob)")
+    if given["max_dets"] != 300:
+        raise CliError("--max-dets applies to --boxes and --points only (--everything: --max-masks)")
+
+
 def _ray_settings(given: dict[str, Any]) -> Any:
     """The RaySettings of the --ray options (None without --ray or --ray-address, where the
     others are refused by name). Imports no ray."""
@@ -416,6 +427,7 @@ def label(
     try:
         with user_errors():
             everything_settings = _everything_settings(locals())
+            _check_prompt_file_options(locals())
             given = {k: v for k, v in (("boxes", boxes), ("points", points), ("everything", everything_settings))
                      if v is not None}
             if len(given) != 1:

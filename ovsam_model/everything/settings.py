@@ -8,6 +8,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+# Beyond these an image would never finish (or its grid would not fit in memory): a typo such as
+# --points-per-side 10000 or --crop-n-layers 40 is refused at once rather than hanging the run.
+MAX_CLICKS_PER_IMAGE = 2**22  # 2048² clicks; segment-anything's default is 32² (with crop layers, a few ×)
+MAX_CROP_LAYERS = 5  # layer i has 4^i crops: 1365 crops per image in all
+
 
 @dataclass(frozen=True)
 class EverythingSettings:
@@ -50,10 +55,22 @@ class EverythingSettings:
             found.append(f"{option_name('crop_overlap_ratio')} must be within [0, 1), got {self.crop_overlap_ratio}")
         if not self.stability_score_offset > 0.0:
             found.append(f"{option_name('stability_score_offset')} must be above 0, got {self.stability_score_offset}")
-        if self.crop_n_layers > 0 and self.points_per_side // self.crop_n_points_downscale_factor**self.crop_n_layers < 1:
+        shrink = self.crop_n_layers <= MAX_CROP_LAYERS and self.crop_n_points_downscale_factor**self.crop_n_layers
+        if self.crop_n_layers > 0 and shrink and self.points_per_side // shrink < 1:  # no click on the last layer
             found.append(f"{option_name('crop_n_points_downscale_factor')} {self.crop_n_points_downscale_factor} leaves "
                          f"no points on crop layer {self.crop_n_layers} of a {self.points_per_side}-point grid")
-        return found
+        return found or self._size_problems()
+
+    def _size_problems(self) -> list[str]:
+        """Grids and crop layers too large to ever finish (checked once the values are valid)."""
+        if self.crop_n_layers > MAX_CROP_LAYERS:
+            return [f"{option_name('crop_n_layers')} must be at most {MAX_CROP_LAYERS} ({4**MAX_CROP_LAYERS} crops on "
+                    f"the last layer), got {self.crop_n_layers}"]
+        clicks = self.points_per_image()
+        if clicks > MAX_CLICKS_PER_IMAGE:
+            return [f"{option_name('points_per_side')} {self.points_per_side} with {option_name('crop_n_layers')} "
+                    f"{self.crop_n_layers} makes {clicks} clicks per image (at most {MAX_CLICKS_PER_IMAGE})"]
+        return []
 
     def check(self) -> "EverythingSettings":
         """Raise ValueError with the first problem; return self."""

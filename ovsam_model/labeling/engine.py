@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from ovsam_model.io.datasets import ImageRecord, ImageSource
-from ovsam_model.io.detections import InputError, PromptSet
+from ovsam_model.io.detections import EXAMPLES_KEPT, InputError, PromptSet
 from ovsam_model.io.uris import local_output
 
 from .formats import OutputFormat, get_format
@@ -213,8 +213,8 @@ class Labeler:
     def _run_into(self, parts_at: Path, out: Optional[Path], sink: OutputFormat, resume: bool, rank: int,
                   world: int) -> LabelSummary:
         summary = LabelSummary(total=self.prompts.total, unit=self.source.unit, clipped=self.prompts.clipped,
-                               skipped=Counter(self.prompts.skipped), examples=dict(self.prompts.examples),
-                               world=world, out=out)
+                               skipped=Counter(self.prompts.skipped), world=world, out=out,
+                               examples={k: list(v) for k, v in self.prompts.examples.items()})  # a copy: added to
         mine = self.image_ids[rank::world]
         writer = PartWriter(part_path(parts_at, rank, world), self.fingerprint, self.options, resume=resume)
         try:
@@ -223,14 +223,14 @@ class Labeler:
                 done = {**PartIndex(parts_at, self.fingerprint).entries, **done}
             for image_id in mine:  # images skipped before an interruption still count
                 if image_id in done and done[image_id].skipped:
-                    summary.skipped[done[image_id].skipped] += self.source.skip_count(self.prompts, image_id)
+                    self._count_skip(summary, image_id, done[image_id].skipped)
             todo = [i for i in mine if i not in done]
             summary.resumed = len(mine) - len(todo)
             self.events.started(len(todo))
             for block in self.label_blocks(todo):
                 for entry in block:
                     if entry.get("skipped"):
-                        summary.skipped[entry["skipped"]] += self.source.skip_count(self.prompts, entry["image"]["id"])
+                        self._count_skip(summary, entry["image"]["id"], entry["skipped"])
                     else:
                         summary.images += 1
                         summary.prompts += self.source.count(self.prompts, entry["image"]["id"])
@@ -242,6 +242,14 @@ class Labeler:
             self._wait_for_ranks(parts_at, world)
             summary.records = self.merge(parts_at, out, sink)
         return summary
+
+    def _count_skip(self, summary: LabelSummary, image_id: int, reason: str) -> None:
+        """Count an image found unusable while labeling (e.g. a truncated JPEG) and name it in
+        the summary, as the images found unusable before labeling are."""
+        summary.skipped[reason] += self.source.skip_count(self.prompts, image_id)
+        named = summary.examples.setdefault(reason, [])
+        if len(named) < EXAMPLES_KEPT and f"image_id {image_id}" not in named:
+            named.append(f"image_id {image_id}")
 
     def _wait_for_ranks(self, out: Path, world: int) -> None:
         deadline = time.monotonic() + RANK_WAIT_S
