@@ -247,6 +247,9 @@ def resolve_device(device: str, local_rank: Optional[int] = None, option: str = 
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
         raise typer.BadParameter(f"{device!r}: expected auto, cpu, cuda or cuda:N", param_hint=option) from None
+    if parsed.type not in ("cpu", "cuda"):  # mps, xpu, meta, ...: torch would fail deep in the model build
+        raise typer.BadParameter(f"{device!r}: ovsam runs on cpu or cuda (expected auto, cpu, cuda or cuda:N)",
+                                 param_hint=option)
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -104,7 +104,7 @@ def test_device_resolution():
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu", local_rank=1) == "cpu"
-    for bad in ("gpu0", "cuda:x", ""):
+    for bad in ("gpu0", "cuda:x", "", "mps", "xpu", "meta"):  # torch parses the last three: refused by us
         with pytest.raises(typer.BadParameter, match="expected auto, cpu, cuda or cuda:N"):
             resolve_device(bad)
     if torch.cuda.is_available():
