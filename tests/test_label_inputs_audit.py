@@ -69,9 +69,7 @@ def test_records_given_in_python_numpy_values_and_wrong_types():
 
 def test_out_that_is_a_folder_is_refused_before_any_image_is_labeled(mini, tmp_path, monkeypatch):
     root, gt, ids, boxes = mini
-    stub = SimpleNamespace(category_ids=[c["id"] for c in gt["categories"]], class_names=[c["name"] for c in gt["categories"]],
-                           weights_sha256={}, prepare=lambda image: pytest.fail("an image was labeled"))
-    monkeypatch.setattr(api_mod, "load_predictor", lambda *a, **k: stub)
+    monkeypatch.setattr(api_mod, "load_predictor", lambda *a, **k: pytest.fail("the model was built"))
     (tmp_path / "out").mkdir()
     with pytest.raises(InputError, match="is a folder"):
         api_mod.label_images(root / "images", boxes=boxes, ann=root / "instances.json", out=tmp_path / "out",

@@ -20,8 +20,8 @@ from ovsam_model.io.datasets import ImageSource, load_image_source
 from ovsam_model.io.detections import InputError
 from ovsam_model.io.uris import local_output, location
 
-from .engine import LabelEvents, Labeler, LabelSummary
-from .formats import OutputFormat
+from .engine import LabelEvents, Labeler, LabelSummary, check_out_target
+from .formats import OutputFormat, get_format
 from .parts import check_not_running
 from .sources import PromptSource, make_source
 
@@ -245,10 +245,12 @@ def label_images(
     e.g. `get_format("results", segmentation="polygons")`). Returns the run's summary.
     `labeler_options` are those of `open_labeler` (`ray=True` labels on a local Ray instance,
     `ray="auto"` on the cluster of this machine: the same bytes)."""
-    if out is not None:
+    sink = get_format(fmt) if isinstance(fmt, str) else fmt
+    if out is not None:  # every check of the output before the model is built
         out = local_output(out)  # a URI is refused in one line: outputs are local files
         check_out_not_input(out, {"boxes=": labeler_options.get("boxes"), "points=": labeler_options.get("points"),
                                   "ann=": labeler_options.get("ann")})
+        check_out_target(out, sink)
         check_not_running(out, rank, world)
     labeler = open_labeler(images, **labeler_options)
-    return labeler.run(None if out is None else Path(out), fmt, resume=resume, rank=rank, world=world)
+    return labeler.run(out, sink, resume=resume, rank=rank, world=world)

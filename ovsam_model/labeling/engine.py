@@ -196,8 +196,9 @@ class Labeler:
         part files made with the same fingerprint."""
         started = time.monotonic()
         sink = get_format(fmt) if isinstance(fmt, str) else fmt
-        check_out_target(None if out is None else local_output(out), sink)
-        if out is None:
+        target = None if out is None else local_output(out)  # outputs are local files (a URI is a one-line error)
+        check_out_target(target, sink)
+        if target is None:
             if world > 1:
                 raise InputError("several ranks need an output file, not standard output")
             if resume:
@@ -205,8 +206,7 @@ class Labeler:
             with tempfile.TemporaryDirectory(prefix="ovsam-label-") as tmp:
                 summary = self._run_into(Path(tmp) / "stdout.json", None, sink, False, 0, 1)
         else:
-            out = local_output(out)  # outputs are local files (a URI is a one-line error)
-            summary = self._run_into(out, out, sink, resume, rank, world)
+            summary = self._run_into(target, target, sink, resume, rank, world)
         summary.elapsed = time.monotonic() - started
         return summary
 
