@@ -7,6 +7,7 @@ device (`--devices`) or torchrun; each labels every world-th image and rank 0 me
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -256,9 +257,10 @@ def _check_prompt_file_options(given: dict[str, Any]) -> None:
     silently (a user who means to cap the masks wants --max-masks)."""
     if not given["everything"]:
         return
-    if given["score_thr"] != 0.0:
+    defaults = inspect.signature(label).parameters  # the options' own defaults, not copies of them
+    if given["score_thr"] != defaults["score_thr"].default:
         raise CliError("--score-thr applies to --boxes and --points only (--everything: --min-label-prob)")
-    if given["max_dets"] != 300:
+    if given["max_dets"] != defaults["max_dets"].default:
         raise CliError("--max-dets applies to --boxes and --points only (--everything: --max-masks)")
 
 

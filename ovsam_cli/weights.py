@@ -129,7 +129,7 @@ def download(
     """
     with user_errors():
         spec = _spec(model, sam_variant)
-    if not spec.files and not spec.clip_pretrained:
+    if spec.downloads_nothing:
         info(f"{spec.name} has random weights: there is nothing to download", quiet)
         return
     if W.is_offline(offline_flag(offline)):
@@ -216,7 +216,7 @@ def verify(
     """
     with user_errors():
         spec = _spec(model, sam_variant)
-    if not spec.files and not spec.clip_pretrained:
+    if spec.downloads_nothing:
         fail(f"{spec.name} has random weights: there is no weight file to verify")
     found = {wf.component: _find(wf, weights_dir) for wf in spec.files}
     if not any(found.values()) and clip_weights is None:

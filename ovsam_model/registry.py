@@ -95,6 +95,11 @@ class ModelSpec:
     user_files: tuple[WeightFile, ...] = ()
 
     @property
+    def downloads_nothing(self) -> bool:
+        """A model of random weights (`tiny`): no file of its own and no pretrained CLIP."""
+        return not self.files and not self.clip_pretrained
+
+    @property
     def components(self) -> tuple[str, ...]:
         """The components of the files the model downloads."""
         return tuple(f.component for f in self.files)

@@ -55,8 +55,9 @@ class EverythingSettings:
             found.append(f"{option_name('crop_overlap_ratio')} must be within [0, 1), got {self.crop_overlap_ratio}")
         if not self.stability_score_offset > 0.0:
             found.append(f"{option_name('stability_score_offset')} must be above 0, got {self.stability_score_offset}")
-        shrink = self.crop_n_layers <= MAX_CROP_LAYERS and self.crop_n_points_downscale_factor**self.crop_n_layers
-        if self.crop_n_layers > 0 and shrink and self.points_per_side // shrink < 1:  # no click on the last layer
+        factor, layers = self.crop_n_points_downscale_factor, self.crop_n_layers
+        # no click on the last layer (a factor of 0 is refused above; more layers by `_size_problems`)
+        if 0 < layers <= MAX_CROP_LAYERS and factor != 0 and self.points_per_side // factor**layers < 1:
             found.append(f"{option_name('crop_n_points_downscale_factor')} {self.crop_n_points_downscale_factor} leaves "
                          f"no points on crop layer {self.crop_n_layers} of a {self.points_per_side}-point grid")
         return found or self._size_problems()
